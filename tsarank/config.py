@@ -1,0 +1,184 @@
+"""Argument dataclasses for both stages, and the YAML-plus-overrides parser.
+
+A stage entry point calls :func:`parse_stage_args` with its dataclasses. Values come from, in order of
+precedence: command-line flags, the ``--config`` YAML file, the dataclass defaults. Unknown keys (in YAML or on
+the command line) are errors that name the closest valid option; contradictory options are rejected by
+:func:`validate` with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and how to load it."""
+
+    model_name_or_path: str = field(
+        default="default",
+        metadata={"help": "HF id or local checkpoint; 'default' = the embedded SmolLM2-135M-Instruct"},
+    )
+    dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2 (auto = FA2 when installed on CUDA)"}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of full weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "module names LoRA wraps"},
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "also write a merged full checkpoint (loadable as M_cpt / by Ranker)"}
+    )
+    train_top_layers: int = field(
+        default=0, metadata={"help": "train only the top N decoder blocks (+ final norm); 0 = train everything"}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Data files, template and token budgets."""
+
+    train_file: str | None = field(default=None, metadata={"help": "training JSONL (weak pairs or ranking groups)"})
+    validation_file: str | None = field(default=None, metadata={"help": "validation JSONL (same format)"})
+    template_source: str = field(default="Document: {doc} Query:", metadata={"help": "text before the query"})
+    template_target: str = field(default=" {query}", metadata={"help": "the scored span"})
+    max_doc_tokens: int = field(default=128, metadata={"help": "document budget in tokens (cut before templating)"})
+    max_query_tokens: int = field(default=32, metadata={"help": "query budget in tokens"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
+    rank_eval_candidates: str | None = field(
+        default=None, metadata={"help": "rank_llm JSON of candidates re-ranked every rank_eval_steps (e.g. DL19 BM25)"}
+    )
+    rank_eval_qrels: str | None = field(default=None, metadata={"help": "qrels for rank_eval_candidates"})
+    rank_eval_steps: int = field(default=0, metadata={"help": "re-rank and log nDCG@10 every N steps; 0 = off"})
+    rank_eval_top_k: int = field(default=20, metadata={"help": "candidates per query for the ranking evaluation"})
+    rank_eval_max_queries: int | None = field(default=None, metadata={"help": "cap on queries for that evaluation"})
+
+
+@dataclass
+class CPTArguments:
+    """Stage 1 (continual pre-training) options."""
+
+    mask_source: bool = field(
+        default=True, metadata={"help": "loss on query tokens only (true) or on the whole sequence (false)"}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "pack several pairs per row (no cross-pair attention or position leakage)"}
+    )
+
+
+@dataclass
+class SFTArguments:
+    """Stage 2 (supervised fine-tuning) options."""
+
+    train_group_size: int = field(default=16, metadata={"help": "G: 1 positive + G-1 negatives per query (paper: 48)"})
+    loss: str = field(default="softmax", metadata={"help": "softmax | point_ce | pair | poly1 | distill_kl | ranknet"})
+    temperature: float = field(default=0.001, metadata={"help": "tau of the listwise softmax (paper: 0.001)"})
+    score_transform: str = field(default="prob", metadata={"help": "f(s): prob = exp (paper) | logprob = identity"})
+    poly_epsilon: float = field(default=1.0, metadata={"help": "epsilon of the Poly-1 loss"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "T of the distillation KL"})
+    lambda_gen: float = field(default=1.0, metadata={"help": "weight of the generation loss L_gen"})
+    gen_span: str = field(default="all", metadata={"help": "L_gen over the positive's 'all' tokens or 'query' only"})
+    lambda_dp: float = field(default=1.0, metadata={"help": "weight of the differential penalty KL(p_ref || p_theta)"})
+    dp_span: str = field(default="query", metadata={"help": "L_dp over 'query' tokens or 'all' non-pad tokens"})
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "frozen reference; default = model_name_or_path (M_cpt)"}
+    )
+    scoring_head: str = field(default="query_likelihood", metadata={"help": "query_likelihood | last_token"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from this checkpoint (multi-stage fine-tuning); reference unchanged"}
+    )
+    negatives_seed_by_epoch: bool = field(default=True, metadata={"help": "re-sample negatives every epoch"})
+
+
+@dataclass
+class TsarankTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` plus tsarank's output-safety switch."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "allow writing into a non-empty output_dir (never silently overwritten)"}
+    )
+
+
+def _dataclass_fields(types: Sequence[type]) -> set[str]:
+    return {f.name for t in types for f in fields(t) if f.init}
+
+
+def unknown_key_message(key: str, valid: set[str], where: str) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{where}: unknown option '{key}'.{hint} Run with --help for the full list."
+
+
+def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
+    """Read a flat YAML mapping of option names to values and check every key exists."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    for key in data:
+        if key not in valid:
+            raise ValueError(unknown_key_message(key, valid, path))
+    return data
+
+
+def parse_stage_args(types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse ``--config FILE.yaml`` plus flag overrides into the given dataclasses.
+
+    Args:
+        types: Dataclass types, e.g. ``(ModelArguments, DataArguments, CPTArguments, TsarankTrainingArguments)``.
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        One instance per type, in order.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(types)
+    parser.add_argument("--config", default=None, help="YAML file of option: value (flags override it)")
+    valid = _dataclass_fields(types)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    values = load_yaml(config_path, valid) if config_path else {}
+    # YAML values become parser defaults, so any flag given on the command line still wins.
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+            action.default = values[action.dest]
+    *instances, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        bad = remaining[0].lstrip("-").split("=")[0]
+        raise ValueError(unknown_key_message(bad, valid, "command line"))
+    # The parser also returns a Namespace for --config itself; keep only the dataclass instances.
+    return tuple(i for i in instances if isinstance(i, tuple(types)))
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
+    """Refuse to write into a non-empty ``output_dir`` unless asked (``--overwrite_output_dir``) or resuming."""
+    p = Path(output_dir)
+    if p.exists() and any(p.iterdir()) and not (overwrite or resuming):
+        raise FileExistsError(
+            f"output_dir {output_dir} exists and is not empty. Fix: choose a new --output_dir, pass "
+            f"--resume_from_checkpoint to continue it, or --overwrite_output_dir true to write into it anyway."
+        )
