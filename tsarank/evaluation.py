@@ -226,7 +226,11 @@ def plot_deltas(
     ax.set_xlim(-0.5, max(len(deltas), 1) - 0.5)
     ax.set_xlabel(f"queries, sorted by delta (n = {len(deltas)})")
     ax.set_ylabel(f"delta {measure}")
-    ax.set_title(f"{measure}: {label_b} - {label_a} per query; mean {mean:+.4f}, {wins} better, {losses} worse")
+    ax.set_title(
+        f"{measure} per query: {label_b} - {label_a}\n"
+        f"mean {mean:+.4f}; {wins} better, {losses} worse, {len(deltas) - wins - losses} tied",
+        fontsize=10,
+    )
     fig.tight_layout()
 
     path = Path(path)

@@ -54,6 +54,12 @@ def _fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.4f}"
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -134,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [["measure", _short(args.run), _short(args.compare), "delta", "p-value", "+/-"]]
         for n in names:
             c = comparison[n]
-            p = "n/a" if math.isnan(c["p_value"]) else f"{c['p_value']:.4f}"
+            p = _fmt_p(c["p_value"])
             rows.append([n, _fmt(values[n]), _fmt(c["mean_a"]), _fmt(c["delta"], signed=True), p, f"{c['wins']}/{c['losses']}"])
     print(_table(rows))
     print(f"({len(qrels)} judged queries; missing queries count as 0" + ("; delta = run - compare, paired t-test)" if comparison else ")"))

@@ -18,6 +18,7 @@ Conventions shared by all readers:
   written to a TREC run otherwise).
 * The format of a corpus / queries file is sniffed from its first non-blank
   line: a line starting with ``{`` means JSON Lines, anything else TSV.
+  (A JSON array, ``[``, is rejected with a hint to convert it to JSON Lines.)
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def _looks_like_jsonl(path: Path) -> bool:
     first = _first_line(path)
     if first is None:
         raise DataError(path, None, None, "expected at least one record, got an empty file", fix="check that the file was written completely")
-    return first.lstrip().startswith("{")
+    return first.lstrip().startswith(("{", "["))  # "[": a JSON array, reported as such by the JSONL parser
 
 
 def _parse_json_line(path: Path, number: int, text: str) -> dict[str, Any]:
@@ -215,6 +216,11 @@ def _parse_json_line(path: Path, number: int, text: str) -> dict[str, Any]:
             path, number, None, f"expected one JSON object on this line, got invalid JSON ({exc.msg} at column {exc.colno})",
             fix="write one complete JSON object per line (JSON Lines)",
         ) from None
+    if isinstance(obj, list):
+        raise DataError(
+            path, number, None, "expected JSON Lines (one JSON object per line), got a JSON array",
+            fix="convert it, e.g. `jq -c '.[]' in.json > out.jsonl`",
+        )
     if not isinstance(obj, dict):
         raise DataError(path, number, None, f"expected a JSON object, got {describe(obj)}", fix="write one JSON object per line")
     return obj
