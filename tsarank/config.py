@@ -75,6 +75,17 @@ class CPTArguments:
     packing: bool = field(
         default=False, metadata={"help": "pack several pairs per row (no cross-pair attention or position leakage)"}
     )
+    packing_max_length: int | None = field(
+        default=None,
+        metadata={"help": "row capacity in tokens when packing; default = longest pair of the batch (raise it with "
+                  "FlashAttention-2, where one long row costs no extra attention)"},
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "processes for tokenizing the dataset"})
+    save_reference_logits: str | None = field(
+        default=None,
+        metadata={"help": "after training, save the in-memory model's logits on a fixed probe batch (the first 4 "
+                  "training pairs) to this .pt file, to check that the saved checkpoint reloads identically"},
+    )
 
 
 @dataclass

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Launch stage 1 (CPT) with DeepSpeed, driven by environment variables; extra arguments are passed on to
+# cpt/train.py (they override the config). The exact command is printed before it runs.
+#
+#   NUM_GPUS   processes (default: the number of visible NVIDIA GPUs, else 1)
+#   CONFIG     YAML config (default cpt/configs/qwen2.5_zero3.yaml)
+#   MODEL      --model_name_or_path                                    (default: from CONFIG)
+#   DATA       weak-pairs directory (train.jsonl [+ validation.jsonl], as `tsarank data weak-pairs` writes)
+#              or a single training JSONL file                          (default: from CONFIG)
+#   OUT        --output_dir                                            (default: from CONFIG)
+#   DS_CONFIG  DeepSpeed config (default ds_configs/zero3.json; "none" = plain data parallel without it)
+#   PORT       master port (default 29500)
+#
+# Examples:
+#   NUM_GPUS=8 MODEL=Qwen/Qwen2.5-7B DATA=runs/weak-pairs OUT=runs/cpt-qwen2.5-7b bash scripts/run_cpt.sh
+#   NUM_GPUS=2 CONFIG=cpt/configs/smollm2_quick.yaml OUT=runs/cpt-quick bash scripts/run_cpt.sh --max_steps 10
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${NUM_GPUS:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    NUM_GPUS=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+  fi
+  [[ -z "${NUM_GPUS:-}" || "${NUM_GPUS}" == "0" ]] && NUM_GPUS=1
+fi
+CONFIG=${CONFIG:-cpt/configs/qwen2.5_zero3.yaml}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+PORT=${PORT:-29500}
+
+if [[ ! -f "$CONFIG" ]]; then
+  echo "error: CONFIG=$CONFIG does not exist (see cpt/configs/)" >&2
+  exit 2
+fi
+
+cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" cpt/train.py --config "$CONFIG")
+if [[ "$DS_CONFIG" != "none" ]]; then
+  if [[ ! -f "$DS_CONFIG" ]]; then
+    echo "error: DS_CONFIG=$DS_CONFIG does not exist (see ds_configs/, or DS_CONFIG=none)" >&2
+    exit 2
+  fi
+  cmd+=(--deepspeed "$DS_CONFIG")
+fi
+[[ -n "${MODEL:-}" ]] && cmd+=(--model_name_or_path "$MODEL")
+if [[ -n "${DATA:-}" ]]; then
+  if [[ -d "$DATA" ]]; then
+    if [[ ! -f "$DATA/train.jsonl" ]]; then
+      echo "error: DATA=$DATA is a directory without train.jsonl (build it with: tsarank data weak-pairs --out $DATA ...)" >&2
+      exit 2
+    fi
+    cmd+=(--train_file "$DATA/train.jsonl")
+    [[ -s "$DATA/validation.jsonl" ]] && cmd+=(--validation_file "$DATA/validation.jsonl")
+  elif [[ -f "$DATA" ]]; then
+    cmd+=(--train_file "$DATA")
+  else
+    echo "error: DATA=$DATA is neither a weak-pairs directory nor a file" >&2
+    exit 2
+  fi
+fi
+[[ -n "${OUT:-}" ]] && cmd+=(--output_dir "$OUT")
+cmd+=("$@")
+
+printf 'running:'
+printf ' %q' "${cmd[@]}"
+printf '\n'
+exec "${cmd[@]}"
