@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Render ``BENCHMARKS.md`` from the ``RESULT {json}`` lines of tsarank's benchmark scripts.
+
+``scripts/bench_all.sh`` runs the benchmarks, keeps their logs and calls this script; it can also be run by hand on
+saved logs::
+
+    python scripts/write_benchmarks.py \\
+        --result score outputs/bench_logs/score.log "python scripts/bench_score.py" \\
+        --result cpt   outputs/bench_logs/cpt.log   "python scripts/bench_cpt.py" \\
+        --result sft   outputs/bench_logs/sft.log   "python scripts/bench_sft_step.py" \\
+        --out BENCHMARKS.md
+
+Each ``--result NAME LOG COMMAND`` names a benchmark (``score``, ``cpt`` or ``sft``), the file holding its output
+(the last line starting with ``RESULT `` is used) and the exact command that produced it. Every figure is shown
+next to its baseline, measured in the same process (the benchmarks' own design), as a ratio; the machine
+description (CPU model, cores, RAM, torch version, date) is collected here, so run this on the benchmark machine.
+
+The section is written between ``<!-- bench_all:begin -->`` and ``<!-- bench_all:end -->``: an existing
+``BENCHMARKS.md`` keeps everything outside those markers (e.g. a GPU section written by another script). The file is
+replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench_all:begin -->", "<!-- bench_all:end -->"
+TITLE = "# Benchmarks\n"
+
+Row = tuple[str, str, str, str, str]  # figure, tsarank, baseline, ratio, reading
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def read_result(path: Path) -> dict[str, Any]:
+    """The JSON of the last ``RESULT {...}`` line of a benchmark's output.
+
+    Raises:
+        ValueError: No such line, or its JSON is invalid (the message names the file and line).
+    """
+    found: tuple[int, str] | None = None
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.startswith("RESULT "):
+            found = (number, line[len("RESULT "):])
+    if found is None:
+        raise ValueError(f"{path}: no 'RESULT {{json}}' line; did the benchmark finish? (see the log)")
+    try:
+        value = json.loads(found[1])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{found[0]}: RESULT line is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}:{found[0]}: expected a JSON object after RESULT, got {type(value).__name__}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def num(value: Any, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits, thousands separated; ``-`` when missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        return f"{value:.1e}"
+    text = f"{value:.{digits}g}"
+    if "e" in text:
+        text = f"{value:.0f}"
+    if abs(value) >= 1000:
+        text = f"{float(text):,.0f}"
+    return text
+
+
+def ratio(value: Any) -> str:
+    return "-" if value is None else f"{num(value)}x"
+
+
+def div(a: Any, b: Any) -> float | None:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or b == 0:
+        return None
+    return a / b
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| figure | tsarank | baseline | ratio | reading |", "| --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def score_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_score.py``: Ranker.score_pairs vs the paper's eval loop, and vs the bare transformer body."""
+    rows: list[Row] = [
+        ("scoring throughput, docs/s (wall)", num(r.get("docs_per_s")), num(r.get("baseline_docs_per_s")),
+         ratio(r.get("speedup")), "speed-up over the paper's eval loop (higher is better)"),
+        ("scoring, CPU time", "", "", ratio(r.get("cpu_speedup")), "CPU-time speed-up over the same baseline"),
+        ("scoring vs the transformer body alone, docs/s", num(r.get("docs_per_s")), num(r.get("floor_docs_per_s")),
+         ratio(r.get("floor_ratio")), "Ranker time / body-only time (1.0 = no overhead; lower is better)"),
+        ("peak RSS growth while scoring, MB", num(r.get("peak_growth_mb")), num(r.get("baseline_peak_growth_mb")),
+         ratio(div(r.get("peak_growth_mb"), r.get("baseline_peak_growth_mb"))), "tsarank / baseline (lower is better)"),
+        ("peak RSS while scoring, MB", num(r.get("peak_mb")), num(r.get("baseline_peak_mb")),
+         ratio(div(r.get("peak_mb"), r.get("baseline_peak_mb"))), "tsarank / baseline, model included"),
+        ("max abs score difference", num(r.get("max_abs_diff")), "0", "-", "same scores as the baseline"),
+    ]
+    if r.get("sweep_docs_per_s"):
+        for budget, rate in r["sweep_docs_per_s"].items():
+            rows.append((f"docs/s at max_tokens {budget}", num(rate), num(r.get("baseline_docs_per_s")),
+                         ratio(div(rate, r.get("baseline_docs_per_s"))), "token-budget sweep (informational)"))
+    setup = (f"{r.get('pairs', '?')} (query, passage) pairs from DL19 BM25 candidates, default model, fp32, "
+             f"{r.get('threads', '?')} threads, token budget {r.get('max_tokens', '?')}, best of {r.get('repeats', '?')} "
+             "interleaved repeats. Baseline: RankingGPT's eval loop (fixed batches of 8 in file order, full "
+             "[B, L, V] logits, log_softmax, gather); floor: the transformer body alone over the Ranker's batches.")
+    headline = [f"scoring: **{ratio(r.get('speedup'))}** the throughput of the paper's evaluation loop "
+                f"({num(r.get('docs_per_s'))} vs {num(r.get('baseline_docs_per_s'))} docs/s), "
+                f"{ratio(r.get('floor_ratio'))} the time of the bare transformer body"]
+    return table(rows), headline, setup
+
+
+def cpt_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_cpt.py``: packed vs padded CPT training steps."""
+    rows: list[Row] = [
+        ("CPT training tokens/s, packed (row = longest pair)", num(r.get("tokens_per_s_packed")),
+         num(r.get("tokens_per_s_padded")), ratio(r.get("speedup_packed_vs_padded")),
+         "packed / padded non-padding tokens per second (higher is better)"),
+    ]
+    for key in sorted(k for k in r if re.fullmatch(r"tokens_per_s_packed\d+", k)):
+        mode = key[len("tokens_per_s_"):]
+        capacity = mode[len("packed"):]
+        rows.append((f"CPT training tokens/s, packed (row capacity {capacity})", num(r[key]),
+                     num(r.get("tokens_per_s_padded")), ratio(r.get(f"speedup_{mode}_vs_padded")),
+                     "packed / padded (higher is better)"))
+    rows.append(("padding share of positions", num(r.get("padding_fraction_packed")),
+                 num(r.get("padding_fraction_padded")),
+                 ratio(div(r.get("padding_fraction_packed"), r.get("padding_fraction_padded"))),
+                 "packed / padded (lower is better)"))
+    rows.append(("max abs loss difference", num(r.get("max_loss_diff")), "0", "-", "packing changes layout, not the loss"))
+    setup = (f"{r.get('model', 'default model')} on {r.get('device', 'cpu')}, {r.get('threads', '?')} thread(s), "
+             f"batches of {r.get('batch_size', '?')} DL19 (query, passage) pairs, {r.get('steps', '?')} timed steps "
+             f"per mode (forward + backward), doc budget {r.get('max_doc_tokens', '?')}, attention "
+             f"{r.get('attn', '?')}. Baseline: right-padded batches of the same pairs.")
+    headline = [f"CPT: packing gives **{ratio(r.get('speedup_packed_vs_padded'))}** the training tokens/s of padded "
+                f"batches (padding {num(100 * r['padding_fraction_padded'] if 'padding_fraction_padded' in r else None)}% "
+                f"-> {num(100 * r['padding_fraction_packed'] if 'padding_fraction_packed' in r else None)}% of positions)"]
+    return table(rows), headline, setup
+
+
+def sft_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_sft_step.py``: one SFT step, row-gathered losses vs full logits."""
+    peak, step, loss = r.get("peak_mib", {}), r.get("step_s", {}), r.get("loss", {})
+    rows: list[Row] = [
+        ("SFT step peak transient memory, MiB (dp_span=all)", num(peak.get("all")), num(peak.get("baseline")),
+         ratio(r.get("mem_ratio_all")), "tsarank / full logits, same objective (lower is better)"),
+        ("SFT step peak transient memory, MiB (defaults)", num(peak.get("default")), num(peak.get("baseline")),
+         ratio(r.get("mem_ratio_default")), "tsarank defaults (dp_span=query) / full logits"),
+        ("SFT step time, s (dp_span=all)", num(step.get("all")), num(step.get("baseline")),
+         ratio(r.get("time_ratio_all")), "tsarank / full logits (lower is better)"),
+        ("SFT step time, s (defaults)", num(step.get("default")), num(step.get("baseline")),
+         ratio(r.get("time_ratio_default")), "tsarank defaults / full logits"),
+        ("reference forward with a shared frozen prefix", "", "", ratio(r.get("shared_prefix_ref_time_ratio")),
+         "shared prefix / separate reference model (lower is better)"),
+        ("SFT loss (dp_span=all vs full logits)", num(loss.get("all"), 8), num(loss.get("baseline"), 8), "-",
+         f"abs difference {num(r.get('loss_abs_diff_all'))}"),
+    ]
+    setup = (f"One step (forward + backward) of L_rank + L_gen + L_dp on {r.get('device', 'cpu')}: default model, one "
+             "query with G = 16 MS MARCO passages, doc budget 128, query budget 32, gradient checkpointing, a separate "
+             "frozen reference. Baseline: the released code's formulation, full [B*G, L, V] logits of policy and "
+             "reference (padding masked). Memory in a fresh process per variant, time interleaved.")
+    headline = [f"SFT step: **{ratio(r.get('mem_ratio_all'))}** the peak transient memory and "
+                f"{ratio(r.get('time_ratio_all'))} the time of the full-logits formulation (same loss within "
+                f"{num(r.get('loss_abs_diff_all'))})"]
+    return table(rows), headline, setup
+
+
+SECTIONS: dict[str, tuple[str, str, Callable[[dict[str, Any]], tuple[str, list[str], str]]]] = {
+    "score": ("Scoring (inference)", "scripts/bench_score.py", score_section),
+    "cpt": ("Stage 1 (CPT) training throughput", "scripts/bench_cpt.py", cpt_section),
+    "sft": ("Stage 2 (SFT) step: memory and time", "scripts/bench_sft_step.py", sft_section),
+}
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine() -> dict[str, str]:
+    """CPU model (lscpu), cores, RAM, GPU, library versions and the git commit."""
+    lscpu = dict(
+        (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in _run(["lscpu"]).splitlines() if ":" in line)
+    )
+    cpu = lscpu.get("Model name") or platform.processor() or platform.machine()
+    cores = lscpu.get("Core(s) per socket")
+    sockets = lscpu.get("Socket(s)")
+    threads = lscpu.get("Thread(s) per core")
+    logical = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    core_text = f"{logical} logical CPUs"
+    if cores and sockets:
+        core_text = f"{int(cores) * int(sockets)} cores x {threads or 1} thread(s) = {logical} logical CPUs"
+    if usable != logical:
+        core_text += f" ({usable} usable by this process)"
+    ram = "?"
+    try:
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+        ram = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    info = {"CPU": cpu + (f" ({lscpu['Hypervisor vendor']} VM)" if lscpu.get("Hypervisor vendor") else ""),
+            "cores": core_text, "RAM": ram, "OS": f"{platform.system()} {platform.release()}",
+            "Python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["GPU"] = (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+                       if torch.cuda.is_available() else "none (CPU only)")
+    except ImportError:
+        info["torch"] = "not installed"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    commit = _run(["git", "rev-parse", "--short", "HEAD"]).strip()
+    if commit:
+        dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"]).strip())
+        info["tsarank commit"] = commit + (" (with uncommitted changes)" if dirty else "")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ document
+def render(results: list[tuple[str, dict[str, Any], str]], info: dict[str, str], started: str | None,
+           finished: str | None, loadavg: str | None) -> str:
+    """The markdown block (between the markers) for the given ``(name, result, command)`` triples."""
+    when = finished or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [BEGIN, "", "## CPU benchmarks (`scripts/bench_all.sh`)", "",
+           f"Measured {when}" + (f" (started {started})" if started and started != when else "") + ". Every figure is "
+           "compared with a baseline measured in the same process on the same inputs; ratios are tsarank / baseline "
+           "unless the row says otherwise. Re-run with `bash scripts/bench_all.sh`.", ""]
+    headlines: list[str] = []
+    bodies: list[str] = []
+    for name, result, command in results:
+        title, _script, section = SECTIONS[name]
+        body, headline, setup = section(result)
+        headlines += headline
+        bodies += [f"### {title}", "", setup, "", body, "", f"Command: `{command}`", "",
+                   "<details><summary>raw RESULT line</summary>", "", "```", "RESULT " + json.dumps(result), "```", "",
+                   "</details>", ""]
+    out += ["**Headline ratios**", ""] + [f"- {h}" for h in headlines] + [""]
+    out += ["### Machine", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in info.items()]
+    if loadavg:
+        out.append(f"| load average at start | {loadavg} (the machine may be shared; see the ratios, not the absolutes) |")
+    out += [""] + bodies + [END]
+    return "\n".join(out) + "\n"
+
+
+def merge(existing: str | None, block: str) -> str:
+    """Put ``block`` into ``existing``: replace the old bench_all block, else insert it after the title."""
+    if not existing:
+        return TITLE + "\n" + block
+    if BEGIN in existing and END in existing:
+        head, rest = existing.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        return head + block.rstrip("\n") + tail if tail.strip() else head + block
+    if existing.startswith("# "):
+        title, _, body = existing.partition("\n")
+        return f"{title}\n\n{block}\n{body.lstrip()}" if body.strip() else f"{title}\n\n{block}"
+    return TITLE + "\n" + block + "\n" + existing
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path = path.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--result", nargs=3, action="append", required=True, metavar=("NAME", "LOG", "COMMAND"),
+                    help=f"benchmark name ({', '.join(SECTIONS)}), its output file, the command that produced it")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="file to write (default: BENCHMARKS.md)")
+    ap.add_argument("--started", help="start time of the benchmark run (shown in the file)")
+    ap.add_argument("--finished", help="end time of the benchmark run (default: now)")
+    ap.add_argument("--loadavg", help="load average when the run started")
+    ap.add_argument("--stdout", action="store_true", help="print the block instead of writing --out")
+    args = ap.parse_args(argv)
+
+    results = []
+    try:
+        for name, log, command in args.result:
+            if name not in SECTIONS:
+                raise ValueError(f"--result {name}: unknown benchmark; expected one of {', '.join(SECTIONS)}")
+            results.append((name, read_result(Path(log)), command))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}; {args.out} left unchanged", file=sys.stderr)
+        return 2
+    block = render(results, machine(), args.started, args.finished, args.loadavg)
+    if args.stdout:
+        sys.stdout.write(block)
+        return 0
+    out = Path(args.out)
+    existing = out.read_text(encoding="utf-8") if out.is_file() else None
+    atomic_write(out, merge(existing, block))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
