@@ -106,8 +106,13 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
 
     template = training.template_from_args(data_args)
     callbacks = training.standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early
+    # Data before the model (and before the default model's first-use conversion): a bad line fails in seconds,
+    # with its file:line, not after loading 8B weights.
+    from tsarank.data.collate import validate_weak_pairs
+
+    for path in filter(None, (data_args.train_file, data_args.validation_file)):
+        validate_weak_pairs(path)
     tokenizer = training.load_tokenizer(model_args.model_name_or_path)
-    # Data before the model: a bad line fails in seconds, with its file:line, not after loading 8B weights.
     with training_args.main_process_first(desc="weak-pairs dataset"):
         train_ds = build_cpt_dataset(data_args.train_file, tokenizer, template, max_samples=data_args.max_train_samples,
                                      num_proc=cpt_args.dataset_num_proc)
@@ -150,5 +155,20 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
     return 0
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``main`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
+    the NaN guard's message exits with status 1."""
+    from tsarank.errors import DataError
+
+    try:
+        return main(argv)
+    except (DataError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -549,8 +549,30 @@ class NanGuardCallback(_BoundCallback):
         control.should_save = False
         control.should_evaluate = False
 
+    def _weights_are_finite(self) -> bool:
+        """True when every trainable parameter (this process's ZeRO-3 shard, if sharded) is finite.
+
+        A step can keep a finite loss while a NaN/inf gradient corrupts the weights it updates; the loss only
+        turns non-finite one step later, after a checkpoint of the bad weights may have been saved.
+        """
+        model = self._require_trainer().model
+        bad = torch.zeros(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    t = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps the local shard in ds_tensor
+                    if t.numel() and not bool(torch.isfinite(t).all()):
+                        bad.fill_(1.0)
+                        break
+        if _world()[1] > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         finite, value = self._loss_is_finite()
+        if finite and not self._weights_are_finite():
+            finite, value = False, float("nan")
+            logger.error("non-finite weights after the update of step %d (NaN/inf gradients)", state.global_step)
         if not finite:
             self._stop(state, control, value)
         return control

@@ -311,10 +311,6 @@ def test_nan_guard_stops_names_step_and_last_checkpoint(blown_up_run):
     assert not (out / "README.md").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NanGuardCallback checks the loss only: at step 2 the loss is still finite but grad_norm is NaN, so the "
-    "update writes NaN weights and checkpoint-2 (named 'last good') is corrupt; the loss turns NaN at step 3. "
-    "Fix in tsarank/training.py: also stop on a non-finite grad_norm / non-finite trainable parameters."))
 def test_nan_guard_last_checkpoint_has_finite_weights(blown_up_run):
     _, _, out = blown_up_run
     checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))

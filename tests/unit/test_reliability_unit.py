@@ -348,20 +348,20 @@ def test_sft_train_refuses_non_empty_output_dir_unless_overwrite(tmp_path, tiny_
     assert (out / "keep.txt").read_text() == "precious"  # written into, not wiped
 
 
-def test_demo_refuses_non_empty_out_unless_overwrite(tmp_path, shared_data):
+def test_demo_refuses_non_empty_out_unless_overwrite(tmp_path, shared_data, capsys):
     from tsarank.demo import STATE, prepare_out_dir
 
     out = tmp_path / "demo_out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError) as info:
-        cli(["demo", "--out", str(out), "--data", str(shared_data)])
-    assert str(info.value) == (f"{out} exists and is not empty. Fix: pass --resume to continue that run, --overwrite to "
-                               "start over (its contents are deleted), or choose another --out.")
+    assert cli(["demo", "--out", str(out), "--data", str(shared_data)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out} exists and is not empty. Fix: pass --resume to continue that run, --overwrite to "
+        "start over (its contents are deleted), or choose another --out.")
     # --overwrite deletes only a demo's own output directory, never an unrelated one.
-    with pytest.raises(FileExistsError) as info:
-        cli(["demo", "--out", str(out), "--data", str(shared_data), "--overwrite"])
-    assert str(info.value) == f"--overwrite refused: {out} is not a demo output directory (no {STATE}); remove it yourself"
+    assert cli(["demo", "--out", str(out), "--data", str(shared_data), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --overwrite refused: {out} is not a demo output directory (no {STATE}); remove it yourself")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     # A previous demo's directory (it has demo_state.json) is emptied by --overwrite; --resume keeps it.
     (out / STATE).write_text(json.dumps({"done": {"weak_pairs": {}}}))
