@@ -1,0 +1,266 @@
+"""``tsarank demo``: the whole two-stage pipeline on the embedded default model and real data, with a report.
+
+Phases (each resumable; ``--resume`` skips the finished ones):
+
+1. ``weak_pairs``  (title -> text) pairs from the SciFact and NFCorpus corpora, every evaluation query and
+   judged document excluded;
+2. ``cpt``         stage 1 on those pairs -> ``M_cpt``;
+3. ``groups``      SFT groups: the MS MARCO training sample plus NFCorpus train with BM25 hard negatives;
+4. ``sft``         stage 2 (L_rank + L_gen + L_dp against the frozen ``M_cpt``) -> ``M_sft``;
+5. ``evaluate``    BM25, the zero-shot default model, ``M_cpt`` and ``M_sft`` on DL19, SciFact test, NFCorpus test;
+6. ``report``      ``report.md``, ``report.json``, ``report.png``.
+
+The training stages run as subprocesses of their own entry points (``cpt/train.py``, ``sft/train.py``), exactly
+as a user would launch them, so the demo exercises the real code paths and its memory is returned between
+phases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .hub import atomic_write_text
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("dl19", "scifact", "nfcorpus")
+SYSTEMS = ("bm25", "zero_shot", "cpt", "sft")
+MEASURES_BASE = ("nDCG@10", "RR@10")
+STATE = "demo_state.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo run. Every reduction is written into the report."""
+
+    name: str
+    weak_pairs: int  # CPT training pairs
+    cpt_steps: int
+    cpt_batch: int
+    nfcorpus_train_queries: int  # NFCorpus train queries mined into SFT groups
+    sft_steps: int
+    sft_group_size: int
+    sft_batch: int
+    top_k: int  # BM25 candidates re-ranked per query
+    max_queries: dict[str, int | None] = field(default_factory=dict)  # per dataset; None = all
+    max_doc_tokens: int = 128
+    learning_rate_cpt: float = 5e-5
+    learning_rate_sft: float = 2e-5
+    estimates_s: dict[str, int] = field(default_factory=dict)  # rough phase durations on the target machine
+
+
+PRESETS = {
+    "quick": Preset(
+        name="quick", weak_pairs=2000, cpt_steps=60, cpt_batch=8, nfcorpus_train_queries=200, sft_steps=80,
+        sft_group_size=8, sft_batch=1, top_k=20, max_queries={"dl19": None, "scifact": 100, "nfcorpus": 100},
+        estimates_s={"weak_pairs": 20, "cpt": 150, "groups": 30, "sft": 300, "evaluate": 240, "report": 5},
+    ),
+    "full": Preset(
+        name="full", weak_pairs=50000, cpt_steps=1000, cpt_batch=32, nfcorpus_train_queries=2590, sft_steps=1000,
+        sft_group_size=16, sft_batch=4, top_k=100, max_queries={"dl19": None, "scifact": None, "nfcorpus": None},
+        max_doc_tokens=128, learning_rate_sft=3e-5,
+        estimates_s={"weak_pairs": 60, "cpt": 1200, "groups": 120, "sft": 1800, "evaluate": 900, "report": 5},
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ data location
+def resolve_data_dir(explicit: str | None) -> Path:
+    """``--data``, else ``$TSARANK_DATA``, else ``../shared/data`` beside the repository (or the working dir)."""
+    candidates = [explicit] if explicit else []
+    if not explicit and os.environ.get("TSARANK_DATA"):
+        candidates.append(os.environ["TSARANK_DATA"])
+    if not explicit:
+        candidates += [str(REPO_ROOT / ".." / "shared" / "data"), str(Path.cwd() / ".." / "shared" / "data")]
+    for c in candidates:
+        p = Path(c).expanduser().resolve()
+        if (p / "trec-dl-passage").is_dir() and (p / "beir").is_dir():
+            return p
+    raise FileNotFoundError(
+        "demo data not found (looked in: " + ", ".join(candidates) + "). Pass --data DIR or set TSARANK_DATA to a "
+        "folder laid out like shared/data:\n"
+        "  trec-dl-passage/{topics.dl19-passage.txt, qrels.dl19-passage.txt, bm25_top100/retrieve_results_dl19.json}\n"
+        "  beir/scifact/{corpus.jsonl, queries.jsonl, qrels/test.tsv}, beir/nfcorpus/{..., qrels/train.tsv, test.tsv}\n"
+        "  msmarco-train-sample/rankinggpt_msmarco.json (Tevatron-style groups)\n"
+        "The same files can be obtained with ir_datasets: 'msmarco-passage/trec-dl-2019/judged' (queries, qrels; "
+        "BM25 top-100 with Pyserini or `tsarank retrieve`), 'beir/scifact/test', 'beir/nfcorpus/train' and "
+        "'beir/nfcorpus/test' (docs, queries, qrels), and 'msmarco-passage/train' for training groups."
+    )
+
+
+# ------------------------------------------------------------------------------------------ state
+class DemoState:
+    """Which phases finished, persisted atomically in ``OUT/demo_state.json``."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / STATE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"done": {}}
+
+    def done(self, phase: str) -> bool:
+        return phase in self.data["done"]
+
+    def mark(self, phase: str, info: dict[str, Any]) -> None:
+        self.data["done"][phase] = info
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+    def info(self, phase: str) -> dict[str, Any]:
+        return self.data["done"].get(phase, {})
+
+
+def _run_logged(cmd: list[str], log: Path, estimate_s: int, desc: str) -> None:
+    """Run ``cmd`` with output to ``log``, showing an elapsed-vs-estimated bar; raise with the log's tail on error."""
+    from tqdm import tqdm
+
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        start = time.time()
+        with tqdm(total=estimate_s, desc=desc, unit="s", bar_format="{desc}: {bar} {n:.0f}/~{total}s est.") as bar:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                bar.n = min(time.time() - start, bar.total)
+                bar.refresh()
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{desc} failed (exit {proc.returncode}); full log: {log}\n--- last lines ---\n{tail}")
+
+
+# ------------------------------------------------------------------------------------------ phases
+class Demo:
+    """One demo run in ``out`` with ``preset`` over the data in ``data``."""
+
+    def __init__(self, out: Path, preset: Preset, data: Path, log: Callable[[str], None] = print) -> None:
+        self.out, self.preset, self.data, self.log = out, preset, data, log
+        self.state = DemoState(out)
+        self.py = sys.executable
+
+    # paths
+    def p(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def beir(self, name: str) -> Path:
+        return self.data / "beir" / name
+
+    def tsarank_cmd(self, *args: str) -> list[str]:
+        return [self.py, "-m", "tsarank.cli", *args]
+
+    def phase_weak_pairs(self) -> dict[str, Any]:
+        out = self.p("data", "weak_pairs")
+        shutil.rmtree(out, ignore_errors=True)  # our own intermediate output from an interrupted attempt
+        cmd = self.tsarank_cmd(
+            "data", "weak-pairs", "--corpus", str(self.beir("scifact")), "--corpus", str(self.beir("nfcorpus")),
+            "--exclude-qrels", str(self.beir("scifact") / "qrels" / "test.tsv"),
+            str(self.beir("nfcorpus") / "qrels" / "test.tsv"), str(self.beir("nfcorpus") / "qrels" / "dev.tsv"),
+            "--max-pairs", str(self.preset.weak_pairs), "--seed", "13", "--out", str(out),
+        )
+        _run_logged(cmd, self.p("logs", "weak_pairs.log"), self.preset.estimates_s["weak_pairs"], "1/6 weak pairs")
+        return {"train_file": str(out / "train.jsonl"), "validation_file": str(out / "validation.jsonl")}
+
+    def phase_cpt(self) -> dict[str, Any]:
+        wp = self.state.info("weak_pairs")
+        out = self.p("cpt")
+        pr = self.preset
+        cmd = [
+            self.py, str(REPO_ROOT / "cpt" / "train.py"), "--config", str(REPO_ROOT / "cpt" / "configs" / "smollm2_quick.yaml"),
+            "--model_name_or_path", "default", "--train_file", wp["train_file"], "--validation_file", wp["validation_file"],
+            "--output_dir", str(out), "--max_steps", str(pr.cpt_steps), "--per_device_train_batch_size", str(pr.cpt_batch),
+            "--learning_rate", str(pr.learning_rate_cpt), "--max_doc_tokens", str(pr.max_doc_tokens),
+            "--overwrite_output_dir", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "5",
+        ]
+        _run_logged(cmd, self.p("logs", "cpt.log"), pr.estimates_s["cpt"], "2/6 CPT")
+        return {"checkpoint": str(out)}
+
+    def phase_groups(self) -> dict[str, Any]:
+        out = self.p("data", "nfcorpus_groups.jsonl")
+        out.unlink(missing_ok=True)
+        cmd = self.tsarank_cmd(
+            "data", "groups", "--corpus", str(self.beir("nfcorpus")), "--qrels", "train",
+            "--max-queries", str(self.preset.nfcorpus_train_queries), "--negatives", "15", "--max-positives", "4",
+            "--seed", "13", "--out", str(out),
+        )
+        _run_logged(cmd, self.p("logs", "groups.log"), self.preset.estimates_s["groups"], "3/6 SFT groups")
+        msmarco = self.data / "msmarco-train-sample" / "rankinggpt_msmarco.json"
+        return {"train_files": [str(msmarco), str(out)]}
+
+    def phase_sft(self) -> dict[str, Any]:
+        groups = self.state.info("groups")["train_files"]
+        cpt = self.state.info("cpt")["checkpoint"]
+        out = self.p("sft")
+        pr = self.preset
+        cmd = [
+            self.py, str(REPO_ROOT / "sft" / "train.py"), "--config", str(REPO_ROOT / "sft" / "configs" / "smollm2_quick.yaml"),
+            "--model_name_or_path", cpt, "--train_file", ",".join(groups), "--output_dir", str(out),
+            "--max_steps", str(pr.sft_steps), "--per_device_train_batch_size", str(pr.sft_batch),
+            "--train_group_size", str(pr.sft_group_size), "--learning_rate", str(pr.learning_rate_sft),
+            "--max_doc_tokens", str(pr.max_doc_tokens), "--overwrite_output_dir", "true", "--report_to", "none",
+            "--save_strategy", "no", "--logging_steps", "5",
+        ]
+        _run_logged(cmd, self.p("logs", "sft.log"), pr.estimates_s["sft"], "4/6 SFT")
+        return {"checkpoint": str(out)}
+
+    def phase_evaluate(self) -> dict[str, Any]:
+        from .demo_eval import evaluate_systems
+
+        models = {
+            "zero_shot": "default",
+            "cpt": self.state.info("cpt")["checkpoint"],
+            "sft": self.state.info("sft")["checkpoint"],
+        }
+        results = evaluate_systems(self.data, self.p("runs"), models, self.preset, desc="5/6 evaluate")
+        atomic_write_text(self.p("results.json"), json.dumps(results, indent=2))
+        return {"results": str(self.p("results.json"))}
+
+    def phase_report(self) -> dict[str, Any]:
+        from .demo_report import write_report
+
+        results = json.loads(Path(self.state.info("evaluate")["results"]).read_text())
+        checkpoints = {"cpt": self.state.info("cpt")["checkpoint"], "sft": self.state.info("sft")["checkpoint"]}
+        table = write_report(self.out, results, checkpoints, self.preset)
+        self.log(table)
+        return {"report": str(self.p("report.md"))}
+
+    PHASES = ("weak_pairs", "cpt", "groups", "sft", "evaluate", "report")
+
+    def run(self) -> None:
+        t0 = time.time()
+        for phase in self.PHASES:
+            if self.state.done(phase):
+                self.log(f"[demo] {phase}: done earlier, skipped (--resume)")
+                continue
+            start = time.time()
+            info = getattr(self, f"phase_{phase}")()
+            info["seconds"] = round(time.time() - start, 1)
+            self.state.mark(phase, info)
+        self.log(f"[demo] finished in {time.time() - t0:.0f} s; report: {self.p('report.md')}")
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless resuming it or explicitly overwriting it."""
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            if not (out / STATE).is_file():
+                raise FileExistsError(f"--resume: {out} holds no {STATE}; it is not a demo output directory")
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} exists and is not empty. Fix: pass --resume to continue that run, --overwrite to start over "
+                f"(its contents are deleted), or choose another --out."
+            )
+        if not (out / STATE).is_file():
+            raise FileExistsError(f"--overwrite refused: {out} is not a demo output directory (no {STATE}); remove it yourself")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
