@@ -52,6 +52,8 @@ class Preset:
     sft_batch: int
     top_k: int  # BM25 candidates re-ranked per query
     max_queries: dict[str, int | None] = field(default_factory=dict)  # per dataset; None = all
+    beir_top_k: int | None = None  # depth for SciFact/NFCorpus when it differs from top_k (their documents are longer)
+    sft_top_layers: int = 0  # SFT trains only the top N blocks (0 = all); the reference then shares the bottom
     max_doc_tokens: int = 128
     learning_rate_cpt: float = 5e-5
     learning_rate_sft: float = 2e-5
@@ -60,9 +62,10 @@ class Preset:
 
 PRESETS = {
     "quick": Preset(
-        name="quick", weak_pairs=2000, cpt_steps=60, cpt_batch=8, nfcorpus_train_queries=200, sft_steps=80,
-        sft_group_size=8, sft_batch=1, top_k=20, max_queries={"dl19": None, "scifact": 100, "nfcorpus": 100},
-        estimates_s={"weak_pairs": 20, "cpt": 150, "groups": 30, "sft": 300, "evaluate": 240, "report": 5},
+        name="quick", weak_pairs=2000, cpt_steps=30, cpt_batch=4, nfcorpus_train_queries=200, sft_steps=100,
+        sft_group_size=8, sft_batch=1, top_k=20, max_queries={"dl19": None, "scifact": 30, "nfcorpus": 30},
+        beir_top_k=10, sft_top_layers=8, learning_rate_sft=5e-5,
+        estimates_s={"weak_pairs": 15, "cpt": 120, "groups": 20, "sft": 240, "evaluate": 420, "report": 5},
     ),
     "full": Preset(
         name="full", weak_pairs=50000, cpt_steps=1000, cpt_batch=32, nfcorpus_train_queries=2590, sft_steps=1000,
@@ -180,6 +183,7 @@ class Demo:
             "--output_dir", str(out), "--max_steps", str(pr.cpt_steps), "--per_device_train_batch_size", str(pr.cpt_batch),
             "--learning_rate", str(pr.learning_rate_cpt), "--max_doc_tokens", str(pr.max_doc_tokens),
             "--overwrite_output_dir", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "5",
+            "--eval_strategy", "no", "--rank_eval_steps", "0",  # the demo evaluates once, at the end
         ]
         _run_logged(cmd, self.p("logs", "cpt.log"), pr.estimates_s["cpt"], "2/6 CPT")
         return {"checkpoint": str(out)}
@@ -207,7 +211,7 @@ class Demo:
             "--max_steps", str(pr.sft_steps), "--per_device_train_batch_size", str(pr.sft_batch),
             "--train_group_size", str(pr.sft_group_size), "--learning_rate", str(pr.learning_rate_sft),
             "--max_doc_tokens", str(pr.max_doc_tokens), "--overwrite_output_dir", "true", "--report_to", "none",
-            "--save_strategy", "no", "--logging_steps", "5",
+            "--save_strategy", "no", "--logging_steps", "5", "--train_top_layers", str(pr.sft_top_layers),
         ]
         _run_logged(cmd, self.p("logs", "sft.log"), pr.estimates_s["sft"], "4/6 SFT")
         return {"checkpoint": str(out)}

@@ -76,8 +76,9 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
     runs_dir.mkdir(parents=True, exist_ok=True)
     cands: dict[str, list[CandidateList]] = {}
     qrels: dict[str, dict] = {}
-    for ds in ("dl19", "scifact", "nfcorpus"):
-        cands[ds], qrels[ds] = load_dataset_candidates(data, ds, preset.top_k, preset.max_queries.get(ds))
+    depth = {ds: preset.top_k if ds == "dl19" else (preset.beir_top_k or preset.top_k) for ds in ("dl19", "scifact", "nfcorpus")}
+    for ds in depth:
+        cands[ds], qrels[ds] = load_dataset_candidates(data, ds, depth[ds], preset.max_queries.get(ds))
     runs: dict[str, dict[str, dict]] = {ds: {"bm25": {c.qid: list(zip(c.docids, c.scores)) for c in cands[ds]}} for ds in cands}
 
     pairs = [(c.query, t) for ds in cands for c in cands[ds] for t in c.texts]
@@ -93,10 +94,10 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
 
     results: dict[str, Any] = {"significance": {}, "setup": {}}
     for ds in cands:
-        ms = measures_for(ds, preset.top_k)
+        ms = measures_for(ds, depth[ds])
         results[ds] = {}
         results["significance"][ds] = {}
-        results["setup"][ds] = {"queries": len(cands[ds]), "top_k": preset.top_k, "rel_level": REL_LEVEL[ds]}
+        results["setup"][ds] = {"queries": len(cands[ds]), "top_k": depth[ds], "rel_level": REL_LEVEL[ds]}
         for system, run in runs[ds].items():
             write_run(runs_dir / f"{ds}.{system}.trec", run, tag=system)
             results[ds][system] = {_measure_key(k): v for k, v in evaluate(run, qrels[ds], ms).items()}

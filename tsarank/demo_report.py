@@ -29,20 +29,24 @@ def training_history(checkpoint: str | Path) -> list[dict[str, Any]]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per (dataset, system); ``†`` marks p < 0.05 against BM25 (two-sided paired t-test)."""
+    """One row per (dataset, system); ``†`` marks p < 0.05 against BM25 (two-sided paired t-test).
+
+    Recall is reported at each dataset's candidate depth k (column ``R@k``; the depth is in the dataset cell).
+    """
     datasets = [d for d in DATASET_NAMES if d in results]
-    measures = list(next(iter(results[datasets[0]].values())).keys())
-    head = "| dataset | system | " + " | ".join(measures) + " |"
-    lines = [head, "|" + " --- |" * (2 + len(measures))]
+    lines = ["| dataset | system | nDCG@10 | RR@10 | R@k |", "| --- | --- | --- | --- | --- |"]
     for ds in datasets:
+        k = results.get("setup", {}).get(ds, {}).get("top_k")
+        label = f"{DATASET_NAMES[ds]} (top-{k})" if k else DATASET_NAMES[ds]
         for system, values in results[ds].items():
             sig = results.get("significance", {}).get(ds, {}).get(system, {})
+            recall = next(m for m in values if m.startswith("R@"))
             cells = []
-            for m in measures:
+            for m in ("nDCG@10", "RR@10", recall):
                 p = sig.get(m)
                 mark = "†" if p is not None and p == p and p < ALPHA else ""
                 cells.append(f"{values[m]:.4f}{mark}")
-            lines.append(f"| {DATASET_NAMES[ds]} | {SYSTEM_NAMES.get(system, system)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {SYSTEM_NAMES.get(system, system)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

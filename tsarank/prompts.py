@@ -84,14 +84,35 @@ class EncodedPair:
 
 
 def _truncate(tokenizer: Any, texts: Sequence[str], budget: int) -> list[str]:
-    """Cut each text to ``budget`` tokens (no special tokens); texts within budget are returned unchanged."""
+    """Cut each text to at most ``budget`` tokens (no special tokens); texts within budget are returned unchanged.
+
+    The cut is made in the *original string*, at the character offset where token ``budget`` starts, so the
+    kept text is an exact prefix of the input: no ``decode`` round trip, hence no U+FFFD where a byte-level
+    token splits a multi-byte character (the partial character is dropped instead) and no clean-up of spaces.
+    For ordinary text the prefix re-tokenizes to exactly the first ``budget`` tokens.
+    """
     if not texts:
         return []
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    out = []
-    for text, toks in zip(texts, ids):
-        # Round-tripping only the texts that need cutting keeps short texts byte-identical.
-        out.append(text if len(toks) <= budget else tokenizer.decode(toks[:budget]))
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    out = list(texts)
+    cut_at: dict[int, list[int]] = {}  # text index -> candidate cut offsets, best first
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        if len(ids) > budget:
+            # Start offsets of tokens budget, budget-1, ...: fall back to an earlier one if re-tokenizing the
+            # prefix ever gives more than `budget` tokens (BPE of a prefix can differ from a prefix of BPE).
+            starts = sorted({s for s, _ in offsets[: budget + 1]}, reverse=True)
+            cut_at[i] = starts
+            out[i] = texts[i][: starts[0]]
+    pending = list(cut_at)
+    while pending:
+        lengths = tokenizer([out[i] for i in pending], add_special_tokens=False)["input_ids"]
+        retry = []
+        for i, ids in zip(pending, lengths):
+            if len(ids) > budget and len(cut_at[i]) > 1:
+                cut_at[i].pop(0)
+                out[i] = texts[i][: cut_at[i][0]]
+                retry.append(i)
+        pending = retry
     return out
 
 

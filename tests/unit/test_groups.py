@@ -130,6 +130,41 @@ def test_epoch_callback_sets_epoch():
     ds = GroupDataset([_record(1, 10)], group_size=3)
     EpochCallback(ds).on_epoch_begin(None, State(), None)
     assert ds.epoch == 2
+    State.epoch = 2.9999999
+    EpochCallback(ds).on_epoch_begin(None, State(), None)
+    assert ds.epoch == 3
+
+
+def test_negatives_change_per_epoch_in_a_real_trainer(tiny_tokenizer, tmp_path):
+    """Two epochs of a real Trainer: the callback moves the dataset to epoch 1 and the sampled docs change."""
+    from transformers import Trainer, TrainingArguments
+
+    import conftest
+
+    seen: list[tuple[int, tuple[str, ...]]] = []
+
+    class Recording(GroupDataset):
+        def __getitem__(self, i):
+            ex = super().__getitem__(i)
+            seen.append((self.epoch, tuple(ex["docs"])))
+            return ex
+
+    class TinyLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.mean()
+
+        def _get_collator_with_removed_columns(self, data_collator, description=None):
+            return data_collator
+
+    ds = Recording([_record(1, 30)], group_size=3, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_train_epochs=2,
+                             per_device_train_batch_size=1, save_strategy="no", learning_rate=0.0)
+    trainer = TinyLoss(model=conftest.build_tiny_llama(len(tiny_tokenizer)), args=args, train_dataset=ds,
+                       data_collator=GroupCollator(tiny_tokenizer, PromptTemplate(max_doc_tokens=8), 3),
+                       callbacks=[EpochCallback(ds)])
+    trainer.train()
+    assert [e for e, _ in seen] == [0, 1]
+    assert seen[0][1] != seen[1][1] and seen[0][1][0] == seen[1][1][0]  # same positive, new negatives
 
 
 # ------------------------------------------------------------------------------------------- collator

@@ -385,6 +385,21 @@ def test_shared_prefix_reference_equals_full_reference(tiny_tokenizer, arch, che
     assert not torch.allclose(_full_logits_at(policy, batch, rows), expected, atol=1e-3)
 
 
+def test_shared_prefix_follows_policy_cast_to_bf16(tiny_tokenizer):
+    # DeepSpeed bf16 (ZeRO-1/2) casts the policy after the reference copied its top blocks.
+    policy = build_tiny_llama(len(tiny_tokenizer), num_hidden_layers=4)
+    start = copy.deepcopy(policy)
+    freeze_all_but_top(policy, 2)
+    ref = SharedPrefixReference(policy, 2)
+    policy.to(torch.bfloat16)
+    batch = make_batch(tiny_tokenizer)
+    rows = _rows(batch)
+    got = ref.logits_at(batch["input_ids"], batch["attention_mask"], rows)
+    assert got.dtype == torch.bfloat16 and next(ref.blocks.parameters()).dtype == torch.bfloat16
+    expected = SeparateReference(start).logits_at(batch["input_ids"], batch["attention_mask"], rows)
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_shared_prefix_in_trainer_equals_separate(tiny_tokenizer, tmp_path):
     vocab = len(tiny_tokenizer)
     policy = build_tiny_qwen2(vocab)

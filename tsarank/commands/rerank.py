@@ -1,0 +1,308 @@
+"""``tsarank rerank``: re-rank first-stage candidates with a tsarank (or any causal-LM) checkpoint.
+
+Inputs are validated completely before the model is loaded. Queries are processed in qid order, in *chunks*
+of consecutive queries (about ``--chunk-docs`` documents each) so that batches span queries. After each chunk
+its queries' run lines are appended to a sidecar ``OUT.partial`` (flush + fsync); ``--resume`` keeps the
+sidecar's complete chunks and scores the rest. Chunk boundaries depend only on the ordered inputs, so a resumed
+run scores every chunk with exactly the batches of an uninterrupted run and the final file is byte-identical.
+The final run is written atomically and the sidecar removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tsarank.errors import DataError
+
+HELP = "re-rank a first-stage run (TREC run + queries + corpus, or rank_llm JSON) with an LLM"
+
+DESCRIPTION = """\
+Re-rank the first --top-k candidates of each query by query likelihood (or the
+checkpoint's scoring head) and write a TREC run (ranks 1..k, ties by docid).
+
+Candidates come either from a TREC run plus its queries and corpus
+(--run/--queries/--corpus) or from a rank_llm JSON file with passage texts
+(--candidates). Completed queries are flushed to OUT.partial; after a crash or
+kill, the same command with --resume continues where it stopped and produces a
+file byte-identical to an uninterrupted run (keep the other options the same).
+
+examples:
+  tsarank rerank --candidates retrieve_results_dl19.json --top-k 100 --out dl19.rerank.trec
+  tsarank rerank --run bm25.trec --queries queries.jsonl --corpus corpus.jsonl --model my/ckpt --out rerank.trec
+"""
+
+SIDECAR_SUFFIX = ".partial"
+DEFAULT_CHUNK_DOCS = 256
+_MISSING_SHOWN = 5
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``rerank`` subcommand."""
+    p = subparsers.add_parser("rerank", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="checkpoint directory, LoRA adapter directory or Hub id (default: the embedded default model)")
+    src = p.add_argument_group("candidates (either --candidates, or --run with --queries and --corpus)")
+    src.add_argument("--candidates", metavar="JSON", help="rank_llm JSON [{\"query\", \"hits\": [{\"qid\", \"docid\", \"content\"}]}]")
+    src.add_argument("--run", metavar="RUN", help="first-stage TREC run 'qid Q0 docid rank score tag'")
+    src.add_argument("--queries", metavar="Q", help="queries.jsonl or TSV 'qid<TAB>text'")
+    src.add_argument("--corpus", metavar="C", help="BEIR corpus.jsonl (or its directory) or TSV 'docid<TAB>text'")
+    p.add_argument("--top-k", type=int, default=100, help="re-rank (and write) the first K candidates of each query (default 100)")
+    p.add_argument("--out", required=True, metavar="OUT.trec", help="output TREC run (written atomically)")
+    p.add_argument("--batch-size", type=int, default=None, help="cap on sequences per batch (the token budget applies as well)")
+    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (default: 2048 on CPU, 65536 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on a supporting GPU, else fp32)")
+    p.add_argument("--attn-implementation", default="auto", help="auto (FlashAttention-2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2")
+    p.add_argument("--tag", default="tsarank", help="run tag written in column 6 (default tsarank)")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N", help="only the first N queries in qid order (quick runs)")
+    p.add_argument("--chunk-docs", type=int, default=DEFAULT_CHUNK_DOCS, metavar="N",
+                   help=f"documents scored together before a flush to the sidecar (default {DEFAULT_CHUNK_DOCS}; whole queries)")
+    p.add_argument("--strict", action="store_true", help="fail if run docids are missing from the corpus (default: report and skip them)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial left by an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+    return p
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def qid_sort_key(qid: str) -> tuple[int, int | str]:
+    """Numeric ids in numeric order, before any non-numeric ids (which sort as strings)."""
+    return (0, int(qid)) if qid.isdigit() else (1, qid)
+
+
+def plan_chunks(sizes: Sequence[int], chunk_docs: int) -> list[tuple[int, int]]:
+    """Split consecutive queries into ``[start, end)`` chunks of at least ``chunk_docs`` documents (the last may be smaller).
+
+    Depends only on ``sizes`` (and ``chunk_docs``), so an interrupted and a resumed run agree on every chunk.
+    """
+    chunks, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        total += n
+        if total >= chunk_docs:
+            chunks.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(sizes):
+        chunks.append((start, len(sizes)))
+    return chunks
+
+
+@dataclass
+class SidecarState:
+    """What a sidecar holds: complete query blocks (verbatim lines) and the byte length of that prefix."""
+
+    lines: dict[str, list[str]]
+    valid_bytes: int
+    dropped_lines: int
+
+
+def read_sidecar(path: Path, expected: dict[str, set[str]], chunks: list[list[str]], tag: str) -> SidecarState:
+    """Parse a sidecar, keep the complete chunks at its start, and check they belong to these inputs.
+
+    Args:
+        path: The ``OUT.partial`` file.
+        expected: ``{qid: docids}`` of every query of this invocation.
+        chunks: The qids of each chunk, in order.
+        tag: The run tag of this invocation.
+
+    Returns:
+        The lines of every query of the complete leading chunks. A torn last line, or a chunk only partly
+        written when the process died, is dropped (it will be scored again).
+
+    Raises:
+        ValueError: The sidecar was written for other inputs or options (stale).
+    """
+    raw = path.read_bytes()
+    lines_by_qid: dict[str, list[str]] = {}
+    order: list[str] = []
+    pos = 0
+    ends: list[int] = []  # byte offset after each complete line
+    texts: list[str] = []
+    while True:
+        nl = raw.find(b"\n", pos)
+        if nl < 0:
+            break  # a torn last line (no newline) is ignored
+        texts.append(raw[pos : nl + 1].decode("utf-8", errors="replace"))
+        pos = nl + 1
+        ends.append(pos)
+    fix = f"delete {path} (or pass other --out) to start over, or rerun with the options of the interrupted run"
+    for number, text in enumerate(texts, 1):
+        cols = text.split()
+        if len(cols) != 6:
+            break  # garbage from a torn write: stop here, everything after is rescored
+        qid, _, docid, _, _, line_tag = cols
+        if qid not in expected:
+            raise ValueError(f"{path}:{number}: query {qid!r} is not among this run's queries; the sidecar is stale. Fix: {fix}")
+        if docid not in expected[qid]:
+            raise ValueError(f"{path}:{number}: docid {docid!r} is not a candidate of query {qid!r}; the sidecar is stale. Fix: {fix}")
+        if line_tag != tag:
+            raise ValueError(f"{path}:{number}: run tag {line_tag!r} differs from --tag {tag!r}; the sidecar is stale. Fix: {fix}")
+        if qid not in lines_by_qid:
+            order.append(qid)
+        lines_by_qid.setdefault(qid, []).append(text)
+    keep: dict[str, list[str]] = {}
+    kept_lines = 0
+    pos_q = 0
+    for chunk in chunks:
+        if not all(q in lines_by_qid and len(lines_by_qid[q]) == len(expected[q]) for q in chunk):
+            break
+        if order[pos_q : pos_q + len(chunk)] != chunk:
+            raise ValueError(f"{path}: queries appear in an order other than this run's chunks; the sidecar is stale. Fix: {fix}")
+        pos_q += len(chunk)
+        for q in chunk:
+            keep[q] = lines_by_qid[q]
+            kept_lines += len(lines_by_qid[q])
+    valid_bytes = ends[kept_lines - 1] if kept_lines else 0
+    return SidecarState(keep, valid_bytes, len(texts) - kept_lines)
+
+
+def _report_missing(missing: list[str], strict: bool) -> None:
+    if not missing:
+        return
+    shown = ", ".join(missing[:_MISSING_SHOWN]) + (", ..." if len(missing) > _MISSING_SHOWN else "")
+    if strict:
+        raise ValueError(
+            f"{len(missing)} docid(s) of the run are missing from the corpus (first: {shown}). "
+            "Fix: pass the corpus the run was retrieved from, or drop --strict to skip them"
+        )
+    print(f"warning: {len(missing)} docid(s) of the run are missing from the corpus and are skipped (first: {shown})", file=sys.stderr)
+
+
+def _check_model_arg(model: str) -> None:
+    """A local path that does not exist is an error now, not after reading every input."""
+    if model != "default" and not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise ValueError(f"--model {model}: no such directory (and it does not look like a Hub id 'owner/name')")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("top_k", "batch_size", "max_tokens", "max_queries", "chunk_docs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.tag or any(ch.isspace() for ch in args.tag):
+        raise ValueError(f"--tag must be a non-empty word without whitespace, got {args.tag!r}")
+    given = [n for n in ("run", "queries", "corpus") if getattr(args, n)]
+    if args.candidates and given:
+        raise ValueError("give either --candidates (rank_llm JSON) or --run/--queries/--corpus, not both")
+    if not args.candidates and len(given) != 3:
+        lacking = [f"--{n}" for n in ("run", "queries", "corpus") if n not in given]
+        raise ValueError(f"missing {', '.join(lacking)}: pass --run, --queries and --corpus together, or --candidates JSON")
+
+
+# ---------------------------------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> int:
+    """Execute ``tsarank rerank``; returns the process exit code."""
+    from tsarank.data.formats import atomic_open, format_run_lines, load_candidates
+
+    out = Path(args.out)
+    sidecar = out.with_name(out.name + SIDECAR_SUFFIX)
+    t_start = time.perf_counter()
+    try:
+        _check_args(args)
+        if not out.parent.is_dir():
+            raise ValueError(f"output directory {out.parent} does not exist; create it first")
+        if out.exists() and not args.overwrite:
+            hint = " (the interrupted run had already finished)" if sidecar.exists() else ""
+            raise ValueError(f"refusing to overwrite existing {out}{hint}; pass --overwrite or choose another --out")
+        if sidecar.exists() and not args.resume:
+            raise ValueError(
+                f"found {sidecar} from an interrupted run; pass --resume to continue it, or delete it to start over"
+            )
+        if args.candidates:
+            lists, missing = load_candidates(candidates=args.candidates, top_k=args.top_k)
+        else:
+            lists, missing = load_candidates(run=args.run, queries=args.queries, corpus=args.corpus, top_k=args.top_k)
+        _report_missing(missing, args.strict)
+        lists.sort(key=lambda c: qid_sort_key(c.qid))
+        if args.max_queries is not None:
+            lists = lists[: args.max_queries]
+        empty = [c.qid for c in lists if len(c) == 0]
+        lists = [c for c in lists if len(c) > 0]
+        if not lists:
+            raise ValueError("no query has any candidate left to re-rank")
+        chunks = [[c.qid for c in lists[s:e]] for s, e in plan_chunks([len(c) for c in lists], args.chunk_docs)]
+        _check_model_arg(args.model)
+        expected = {c.qid: set(c.docids) for c in lists}
+        state = read_sidecar(sidecar, expected, chunks, args.tag) if (args.resume and sidecar.exists()) else SidecarState({}, 0, 0)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if empty:
+        print(f"warning: {len(empty)} queries have no candidates and get no lines (e.g. {', '.join(empty[:_MISSING_SHOWN])})", file=sys.stderr)
+    if args.resume and not sidecar.exists():
+        print(f"note: --resume given but {sidecar} does not exist; starting from the beginning", file=sys.stderr)
+
+    by_qid = {c.qid: c for c in lists}
+    todo = [chunk for chunk in chunks if chunk[0] not in state.lines]
+    n_docs_total = sum(len(c) for c in lists)
+    n_docs_todo = sum(len(by_qid[q]) for chunk in todo for q in chunk)
+    if state.lines:
+        print(f"resuming: {len(state.lines)} of {len(lists)} queries already in {sidecar}", file=sys.stderr)
+
+    elapsed_scoring = 0.0
+    if todo:
+        ranker = _load_ranker(args)
+        if ranker is None:
+            return 2
+        from tqdm.auto import tqdm
+
+        # Truncate away a torn tail so that appended chunks follow the last complete one.
+        with open(sidecar, "ab") as fh:
+            fh.truncate(state.valid_bytes)
+        bar = tqdm(total=n_docs_total, initial=n_docs_total - n_docs_todo, unit="doc", desc="rerank", dynamic_ncols=True,
+                   smoothing=0.1, file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            with open(sidecar, "a", encoding="utf-8", newline="") as fh:
+                for chunk in todo:
+                    cands = [by_qid[q] for q in chunk]
+                    pairs = [(c.query, text) for c in cands for text in c.texts]
+                    scores = ranker.score_pairs(pairs, batch_size=args.batch_size, on_batch=bar.update)
+                    block: list[str] = []
+                    offset = 0
+                    for c in cands:
+                        ranked = list(zip(c.docids, scores[offset : offset + len(c)]))
+                        offset += len(c)
+                        lines = format_run_lines(c.qid, ranked, tag=args.tag)
+                        state.lines[c.qid] = lines
+                        block.extend(lines)
+                    fh.write("".join(block))  # one write per chunk: a kill tears at most this chunk
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        finally:
+            bar.close()
+        elapsed_scoring = time.perf_counter() - t0
+
+    try:
+        with atomic_open(out) as fh:
+            for c in lists:
+                fh.writelines(state.lines[c.qid])
+    except OSError as exc:
+        print(f"error: could not write {out}: {exc}; the scored queries are kept in {sidecar} (rerun with --resume)", file=sys.stderr)
+        return 1
+    sidecar.unlink(missing_ok=True)
+    rate = n_docs_todo / elapsed_scoring if elapsed_scoring > 0 else float("nan")
+    resumed = f", {len(lists) - sum(len(c) for c in todo)} queries resumed" if len(todo) < len(chunks) else ""
+    print(
+        f"reranked {len(lists)} queries, {n_docs_total} docs ({n_docs_todo} scored in {elapsed_scoring:.1f} s, "
+        f"{rate:.1f} docs/s{resumed}; total {time.perf_counter() - t_start:.1f} s) -> {out}"
+    )
+    return 0
+
+
+def _load_ranker(args: argparse.Namespace):
+    """Load the model after all inputs are known to be good; print the error and return None on failure."""
+    from tsarank.inference import Ranker
+
+    kw = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation, max_tokens=args.max_tokens)
+    try:
+        if args.model == "default":
+            return Ranker.default(**kw)
+        return Ranker.from_pretrained(args.model, **kw)
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        print(f"error: could not load model {args.model!r}: {exc}", file=sys.stderr)
+        return None
