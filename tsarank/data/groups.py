@@ -17,6 +17,7 @@ Sampling rules (per record, per epoch):
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import Any, Sequence
 
@@ -138,8 +139,10 @@ class EpochCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: D401 - TrainerCallback hook
-        # At an epoch boundary state.epoch is the number of finished epochs (a float); round, don't truncate.
-        self.dataset.set_epoch(int(round(state.epoch or 0)))
+        # state.epoch is the number of finished epochs as a float: at a boundary it may be 0.9999999 (accumulated
+        # 1/steps_per_epoch), and when resuming mid-epoch it is e.g. 1.5. Floor with a tolerance gives the
+        # current epoch's index in both cases (rounding would jump to the next epoch's negatives on resume).
+        self.dataset.set_epoch(int(math.floor((state.epoch or 0) + 1e-4)))
         return control
 
 
