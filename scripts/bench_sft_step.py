@@ -21,7 +21,7 @@ Memory: each variant in a fresh subprocess, one warm-up step (so parameter gradi
 step. Transient memory = the peak above the level before the measured step: on Linux ``VmHWM`` after resetting
 it through ``/proc/self/clear_refs``, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows live tensors;
 on CUDA ``torch.cuda.max_memory_allocated`` minus the allocated memory before the step.
-Time: all variants in one process, interleaved, median of ``--repeats`` steps after a warm-up each; wall-clock
+Time: all variants in one process, interleaved, best of ``--repeats`` steps after a warm-up each; wall-clock
 (the ``time_ratio_*`` figures) and process CPU time (``cpu_time_ratio_*``, less sensitive to other load on a
 shared machine). The same
 process also times the reference forward with a shared frozen prefix (``train_top_layers = --top-layers``)
@@ -38,7 +38,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -227,7 +226,7 @@ def run_memory(variant: str, device: str) -> dict:
 
 
 def run_timing(device: str, repeats: int, top_layers: int) -> dict:
-    """Step times of all variants in one process, interleaved (robust to load drift), median of ``repeats``;
+    """Step times of all variants in one process, interleaved (robust to load drift), best of ``repeats``;
     then the reference forward with a shared frozen prefix vs a separate reference."""
     import torch
 
@@ -270,9 +269,10 @@ def run_timing(device: str, repeats: int, top_layers: int) -> dict:
         ref_times["shared_prefix"].append(time.perf_counter() - t0)
     shared.remove()
     return {
-        "step_s": {v: statistics.median(t) for v, t in times.items()}, "times": times, "loss": losses,
-        "cpu_s": {v: statistics.median(t) for v, t in cpu_times.items()}, "cpu_times": cpu_times,
-        "ref_s": {k: statistics.median(t) for k, t in ref_times.items()}, "top_layers": top_layers,
+        # Best of the repeats (as timeit does): on a shared machine the fastest step is the least disturbed one.
+        "step_s": {v: min(t) for v, t in times.items()}, "times": times, "loss": losses,
+        "cpu_s": {v: min(t) for v, t in cpu_times.items()}, "cpu_times": cpu_times,
+        "ref_s": {k: min(t) for k, t in ref_times.items()}, "top_layers": top_layers,
         "n_layers": n_layers, **batch_info(batch),
     }
 
@@ -289,7 +289,7 @@ def _subprocess(args: list[str], env: dict | None = None) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps per variant (after one warm-up each)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up each)")
     parser.add_argument("--top-layers", type=int, default=8, help="N of the shared-prefix reference measurement")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: memory:<variant> | timing

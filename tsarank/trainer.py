@@ -13,9 +13,11 @@ One step over a batch of ``B`` groups of ``G`` sequences (``[B*G, L]``, row ``b*
    - ``L_gen``: the positive's tokens 1.. (span ``all``) or its query tokens (span ``query``);
    - ``L_dp``: the query tokens of every sequence (span ``query``) or every non-pad token 1.. (span ``all``);
 
-3. ``lm_head`` is applied to the union of those rows only, in chunks of ``logit_chunk_rows`` rows; when
-   there is more than one chunk each chunk is checkpointed (its ``[n, V]`` logits are recomputed in the
-   backward pass), so the head never holds more than one chunk of vocabulary-sized tensors;
+3. ``lm_head`` is applied to the union of those rows only, in chunks of ``logit_chunk_rows`` rows, and each
+   chunk's ``[n, V]`` logits are recomputed in the backward pass, so the head never holds more than one chunk
+   of vocabulary-sized tensors. For a plain ``nn.Linear`` head the backward is hand-written
+   (``_FusedRowHead``) and keeps one ``[V, H]`` weight gradient for all chunks; otherwise (LoRA on the head,
+   ZeRO-3 partitioned weights) each chunk is an autograd checkpoint;
 4. the reference's hidden states at the ``L_dp`` rows come from :mod:`tsarank.reference` (no grad) and its
    head is applied chunk by chunk as well.
 
@@ -53,7 +55,7 @@ __all__ = [
 
 SCORE_HEAD_ATTR = "tsarank_score_head"
 _SPANS = ("all", "query")
-_CHUNK_BYTES = 2**25  # ~32 MiB per [n, V] fp32 tensor in a logits chunk
+_CHUNK_BYTES = 2**23  # ~8 MiB per [n, V] fp32 tensor in a logits chunk (a chunk holds about 6 of them)
 
 
 @dataclass
@@ -72,10 +74,14 @@ class RankingLossConfig:
         lambda_dp: Weight of ``L_dp`` (0 = off, no reference needed).
         dp_span: ``"query"`` (default) or ``"all"`` non-pad positions.
         scoring_head: ``"query_likelihood"`` or ``"last_token"``.
-        logit_chunk_rows: Rows per ``lm_head`` chunk; ``None`` = about 32 MiB of fp32 logits per chunk.
+        logit_chunk_rows: Rows per ``lm_head`` chunk; ``None`` = about 8 MiB of fp32 logits per chunk (at least
+            16 rows): 42 rows for a 49k vocabulary.
         pack_sequences: Run the body on the ``B*G`` sequences packed into as few rows as fit (per-sequence
             ``position_ids``, block-diagonal causal attention) instead of padded; ``None`` = when the model
             supports it (:func:`supports_packing`). Same values, less padding compute.
+        fused_head: Compute the head rows with a hand-written backward that keeps a single ``[V, H]`` weight
+            gradient (see ``_FusedRowHead``); ``None`` = when the head is a plain ``nn.Linear`` outside ZeRO-3,
+            else the checkpointed autograd path. Same values and gradients.
     """
 
     group_size: int = 16
@@ -91,6 +97,7 @@ class RankingLossConfig:
     scoring_head: str = QUERY_LIKELIHOOD
     logit_chunk_rows: int | None = None
     pack_sequences: bool | None = None
+    fused_head: bool | None = None
 
     def __post_init__(self) -> None:
         get_loss(self.loss)  # unknown names fail here, with the list of valid ones
@@ -276,16 +283,17 @@ def _rows_logprob_kl(
         ref_logp = torch.log_softmax(ref_head(ref_h).float(), dim=-1)
         p_ref = ref_logp.exp()
         neg_entropy = (p_ref * ref_logp.masked_fill(p_ref == 0, 0.0)).sum(-1)
+        del ref_logp  # not needed below: one [n, V] tensor less at the peak
     kl = neg_entropy - (p_ref * logp).sum(-1)
     return lp, kl
 
 
 def _chunked(fn: Callable[..., Any], tensors: list[torch.Tensor], chunk: int, *, use_checkpoint: bool) -> list[Any]:
-    """Apply ``fn`` to row chunks of ``tensors``; checkpoint each chunk when there is more than one (so the
-    ``[n, V]`` intermediates of a chunk are freed at once and recomputed in the backward pass)."""
+    """Apply ``fn`` to row chunks of ``tensors``, each chunk checkpointed: its ``[n, V]`` intermediates are
+    freed as soon as the chunk is done and recomputed, one chunk at a time, in the backward pass. (Even a
+    single chunk: otherwise its log-probabilities and reference probabilities would stay alive through the
+    whole body backward.)"""
     n = tensors[0].shape[0]
-    if n <= chunk:
-        return [fn(*tensors)]
     outs = []
     for start in range(0, n, chunk):
         parts = [t[start : start + chunk] for t in tensors]
@@ -294,6 +302,91 @@ def _chunked(fn: Callable[..., Any], tensors: list[torch.Tensor], chunk: int, *,
         else:
             outs.append(fn(*parts))
     return outs
+
+
+class _FusedRowHead(torch.autograd.Function):
+    """``lm_head`` + log-softmax + target log-prob (+ KL to the reference on the first ``n_kl`` rows), chunked,
+    with a hand-written backward that accumulates the weight gradient into ONE ``[V, H]`` buffer.
+
+    Autograd over chunks would create one ``[V, H]`` weight gradient per chunk and add them pairwise (two alive
+    at once), and hold the first until the whole body backward has finished (the weight is tied to the input
+    embeddings). Here nothing but the inputs is saved; each chunk's logits are recomputed in the backward pass.
+
+    Gradients w.r.t. the logits ``z`` of a row: ``d log p(y)/dz = onehot(y) - p_theta`` and
+    ``d KL(p_ref || p_theta)/dz = p_theta - p_ref``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, ref_h, targets, n_kl, chunk, ref_head):  # noqa: D401
+        n = h.shape[0]
+        lp = torch.empty(n, dtype=torch.float32, device=h.device)
+        kl = torch.empty(n_kl, dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            logp = torch.log_softmax(nn.functional.linear(h[s:e], weight, bias).float(), dim=-1)
+            lp[s:e] = logp.gather(-1, targets[s:e, None]).squeeze(-1)
+            if s < n_kl:
+                k = min(e, n_kl)
+                p_ref = _ref_probs(ref_head, ref_h[s:k])
+                kl[s:k] = _kl_rows(p_ref, logp[: k - s])
+        ctx.save_for_backward(h, weight, bias, ref_h, targets)
+        ctx.n_kl, ctx.chunk, ctx.ref_head = n_kl, chunk, ref_head
+        return lp, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_kl):
+        h, weight, bias, ref_h, targets = ctx.saved_tensors
+        n_kl, chunk = ctx.n_kl, ctx.chunk
+        n = h.shape[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        d_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        g_lp = torch.zeros(n, device=h.device) if g_lp is None else g_lp.float()
+        if g_kl is None:
+            g_kl = torch.zeros(n_kl, device=h.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            with torch.no_grad():
+                p = torch.softmax(nn.functional.linear(h[s:e], weight, bias).float(), dim=-1)
+                # d/dz of (g_lp * log p(y)): g_lp * (onehot(y) - p)
+                g_z = p * (-g_lp[s:e, None])
+                g_z.scatter_add_(-1, targets[s:e, None], g_lp[s:e, None])
+                if s < n_kl:
+                    k = min(e, n_kl)
+                    p_ref = _ref_probs(ctx.ref_head, ref_h[s:k])
+                    g_z[: k - s] += g_kl[s:k, None] * (p[: k - s] - p_ref)
+                    del p_ref
+                del p
+                if d_h is not None:
+                    d_h[s:e] = (g_z.to(weight.dtype) @ weight).to(h.dtype)
+                if d_w is not None:
+                    d_w.addmm_(g_z.t(), h[s:e].float())
+                if d_b is not None:
+                    d_b += g_z.sum(0)
+        if d_w is not None:
+            d_w = d_w.to(weight.dtype)
+        if d_b is not None:
+            d_b = d_b.to(bias.dtype)
+        return d_h, d_w, d_b, None, None, None, None, None
+
+
+def _ref_probs(ref_head: Callable[[torch.Tensor], torch.Tensor], ref_h: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(ref_head(ref_h).float(), dim=-1)
+
+
+def _kl_rows(p_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``sum_v p_ref (log p_ref - log p)`` per row; entries with ``p_ref = 0`` contribute 0."""
+    return (torch.xlogy(p_ref, p_ref) - p_ref * logp).sum(-1)
+
+
+def _can_fuse(head: nn.Module) -> bool:
+    """The fused path reads ``head.weight`` directly: only for a plain ``nn.Linear`` whose weight is a real
+    tensor (not a ZeRO-3 placeholder, not wrapped by an adapter)."""
+    w = getattr(head, "weight", None)
+    return type(head) is nn.Linear and w is not None and not hasattr(w, "ds_id") and w.dim() == 2 and w.numel() > 0
 
 
 def ranking_loss_terms(
@@ -366,27 +459,40 @@ def ranking_loss_terms(
     b_mask = (score_r | gen_r) & ~dp_r
     lp_grid = torch.zeros(n_seq, length - 1, dtype=torch.float32, device=device)
     dp_value = None
-    if a_mask.any():
-        ra, pa = a_mask.nonzero(as_tuple=True)
+    ra, pa = a_mask.nonzero(as_tuple=True)
+    rb, pb = b_mask.nonzero(as_tuple=True)
+    n_a = int(ra.numel())
+    ref_h = None
+    if n_a:
         if packed is None:
             ref_h = reference.hidden_at(input_ids, attention_mask, (ra, pa))
         else:
             ref_h = reference.hidden_at(packed.input_ids, None, packed.to_packed((ra, pa)), packed.position_ids)
-        outs = _chunked(
-            lambda h, rh, t: _rows_logprob_kl(head, reference.head_logits, h, rh, t),
-            [hidden[ra, pa], ref_h, input_ids[ra, pa + 1]], chunk, use_checkpoint=True,
+    fuse = config.fused_head if config.fused_head is not None else _can_fuse(head)
+    if fuse and n_a + int(rb.numel()):
+        rows_r, rows_p = torch.cat([ra, rb]), torch.cat([pa, pb])
+        ref_fn = reference.head_logits if n_a else None
+        lp_all, kl = _FusedRowHead.apply(
+            hidden[rows_r, rows_p], head.weight, head.bias, ref_h if n_a else hidden.new_zeros(0, hidden.shape[-1]),
+            input_ids[rows_r, rows_p + 1], n_a, chunk, ref_fn,
         )
-        lp_a = torch.cat([o[0] for o in outs])
-        kl = torch.cat([o[1] for o in outs])
-        dp_value = kl.mean()
-        lp_grid = lp_grid.index_put((ra, pa), lp_a)
-    elif config.lambda_dp > 0:
+        lp_grid = lp_grid.index_put((rows_r, rows_p), lp_all)
+        if n_a:
+            dp_value = kl.mean()
+    else:
+        if n_a:
+            outs = _chunked(
+                lambda h, rh, t: _rows_logprob_kl(head, reference.head_logits, h, rh, t),
+                [hidden[ra, pa], ref_h, input_ids[ra, pa + 1]], chunk, use_checkpoint=True,
+            )
+            dp_value = torch.cat([o[1] for o in outs]).mean()
+            lp_grid = lp_grid.index_put((ra, pa), torch.cat([o[0] for o in outs]))
+        if rb.numel():
+            outs = _chunked(lambda h, t: _rows_logprob(head, h, t), [hidden[rb, pb], input_ids[rb, pb + 1]], chunk,
+                            use_checkpoint=True)
+            lp_grid = lp_grid.index_put((rb, pb), torch.cat(outs))
+    if dp_value is None and config.lambda_dp > 0:
         dp_value = hidden.sum() * 0.0
-    if b_mask.any():
-        rb, pb = b_mask.nonzero(as_tuple=True)
-        outs = _chunked(lambda h, t: _rows_logprob(head, h, t), [hidden[rb, pb], input_ids[rb, pb + 1]], chunk,
-                        use_checkpoint=True)
-        lp_grid = lp_grid.index_put((rb, pb), torch.cat(outs))
 
     if last_token:
         if score_head is None:

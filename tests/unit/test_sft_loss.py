@@ -9,7 +9,6 @@ same loss and the same parameter gradients.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 from pathlib import Path
@@ -137,15 +136,17 @@ def run_both(policy, ref_model, batch, cfg, tmp_path, score_head=None):
 
 @pytest.mark.parametrize("dp_span", ["all", "query"])
 @pytest.mark.parametrize("gen_span", ["all", "query"])
-@pytest.mark.parametrize("chunk,pack", [(None, None), (7, False)])
-def test_equivalence_with_full_logits(tiny_tokenizer, policy_and_ref, tmp_path, dp_span, gen_span, chunk, pack):
+@pytest.mark.parametrize("chunk,pack,fused", [(None, None, None), (7, False, False), (5, None, True)])
+def test_equivalence_with_full_logits(tiny_tokenizer, policy_and_ref, tmp_path, dp_span, gen_span, chunk, pack,
+                                      fused):
     policy, ref_model = policy_and_ref
     batch = make_batch(tiny_tokenizer)
     assert not batch["attention_mask"].all()  # padding is present and must be masked
     # pack=None: auto, i.e. packed for Llama (the batch packs into fewer rows than sequences)
     assert pack_sequences(batch["input_ids"], batch["attention_mask"], 2).input_ids.shape[0] < 2 * G
+    # None = auto: packed (Llama supports it) and fused head (plain nn.Linear), one chunk
     cfg = RankingLossConfig(group_size=G, dp_span=dp_span, gen_span=gen_span, logit_chunk_rows=chunk,
-                            pack_sequences=pack)
+                            pack_sequences=pack, fused_head=fused)
     got, expected, g_got, g_exp, _ = run_both(policy, ref_model, batch, cfg, tmp_path)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert_grads_close(g_got, g_exp)
@@ -178,6 +179,41 @@ def test_equivalence_last_token_head(tiny_tokenizer, policy_and_ref, tmp_path):
     opt = trainer.create_optimizer()
     in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
     assert id(head.linear.weight) in in_opt and id(head.linear.bias) in in_opt
+
+
+@pytest.mark.parametrize("variant", ["frozen_tied_head", "head_with_bias", "bf16"])
+def test_fused_head_matches_autograd_path(tiny_tokenizer, policy_and_ref, tmp_path, variant):
+    policy, ref_model = policy_and_ref
+    if variant == "frozen_tied_head":
+        freeze_all_but_top(policy, 1)  # the tied head/embedding is frozen: no weight gradient at all
+    elif variant == "head_with_bias":
+        policy.config.tie_word_embeddings = False
+        head = torch.nn.Linear(policy.config.hidden_size, policy.config.vocab_size, bias=True)
+        torch.nn.init.normal_(head.bias, std=0.5)
+        policy.lm_head = head
+    else:
+        policy, ref_model = policy.to(torch.bfloat16), ref_model.to(torch.bfloat16)
+    batch = make_batch(tiny_tokenizer)
+    results = []
+    for fused in (False, True):
+        model = copy.deepcopy(policy)
+        cfg = RankingLossConfig(group_size=G, dp_span="all", logit_chunk_rows=6, fused_head=fused)
+        trainer = make_trainer(model, tmp_path, cfg, reference=SeparateReference(copy.deepcopy(ref_model)))
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), grads_of(model)))
+    (l0, g0), (l1, g1) = results
+    rel = 1e-5 if variant != "bf16" else 2e-2
+    assert l1 == pytest.approx(l0, rel=rel)
+    if variant == "frozen_tied_head":
+        assert "model.embed_tokens.weight" not in g1
+    if variant == "head_with_bias":
+        assert "lm_head.bias" in g1
+    if variant == "bf16":
+        for n in g0:  # bf16 rounding differs (fp32 accumulation in the fused path): compare loosely
+            assert (g1[n].float() - g0[n].float()).norm() <= 0.05 * g0[n].float().norm() + 1e-6, n
+    else:
+        assert_grads_close(g1, g0)
 
 
 def test_last_token_rejects_query_span():
