@@ -4,10 +4,8 @@ paths) + `tsarank evaluate` against ir_measures computed here, and kill / --resu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -38,7 +38,8 @@ examples:
 """
 
 SIDECAR_SUFFIX = ".partial"
-DEFAULT_CHUNK_DOCS = 256
+# Documents per chunk (one flush to the sidecar): a few CPU batches, or one large GPU batch.
+DEFAULT_CHUNK_DOCS = {"cpu": 256, "cuda": 2048}
 _MISSING_SHOWN = 5
 
 
@@ -54,14 +55,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--top-k", type=int, default=100, help="re-rank (and write) the first K candidates of each query (default 100)")
     p.add_argument("--out", required=True, metavar="OUT.trec", help="output TREC run (written atomically)")
     p.add_argument("--batch-size", type=int, default=None, help="cap on sequences per batch (the token budget applies as well)")
-    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (default: 2048 on CPU, 65536 on CUDA)")
+    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (default: 1024 on CPU, 65536 on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on a supporting GPU, else fp32)")
     p.add_argument("--attn-implementation", default="auto", help="auto (FlashAttention-2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2")
     p.add_argument("--tag", default="tsarank", help="run tag written in column 6 (default tsarank)")
     p.add_argument("--max-queries", type=int, default=None, metavar="N", help="only the first N queries in qid order (quick runs)")
-    p.add_argument("--chunk-docs", type=int, default=DEFAULT_CHUNK_DOCS, metavar="N",
-                   help=f"documents scored together before a flush to the sidecar (default {DEFAULT_CHUNK_DOCS}; whole queries)")
+    p.add_argument("--chunk-docs", type=int, default=None, metavar="N",
+                   help="documents scored together (whole queries) before a flush to the sidecar "
+                   f"(default {DEFAULT_CHUNK_DOCS['cpu']} on CPU, {DEFAULT_CHUNK_DOCS['cuda']} on CUDA)")
     p.add_argument("--strict", action="store_true", help="fail if run docids are missing from the corpus (default: report and skip them)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial left by an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -172,6 +174,18 @@ def _report_missing(missing: list[str], strict: bool) -> None:
     print(f"warning: {len(missing)} docid(s) of the run are missing from the corpus and are skipped (first: {shown})", file=sys.stderr)
 
 
+def _device_type(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    return "cuda" if kind == "cuda" else "cpu"
+
+
 def _check_model_arg(model: str) -> None:
     """A local path that does not exist is an error now, not after reading every input."""
     if model != "default" and not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
@@ -224,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
         lists = [c for c in lists if len(c) > 0]
         if not lists:
             raise ValueError("no query has any candidate left to re-rank")
-        chunks = [[c.qid for c in lists[s:e]] for s, e in plan_chunks([len(c) for c in lists], args.chunk_docs)]
+        chunk_docs = args.chunk_docs or DEFAULT_CHUNK_DOCS[_device_type(args.device)]
+        chunks = [[c.qid for c in lists[s:e]] for s, e in plan_chunks([len(c) for c in lists], chunk_docs)]
         _check_model_arg(args.model)
         expected = {c.qid: set(c.docids) for c in lists}
         state = read_sidecar(sidecar, expected, chunks, args.tag) if (args.resume and sidecar.exists()) else SidecarState({}, 0, 0)
@@ -241,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     n_docs_total = sum(len(c) for c in lists)
     n_docs_todo = sum(len(by_qid[q]) for chunk in todo for q in chunk)
     if state.lines:
-        print(f"resuming: {len(state.lines)} of {len(lists)} queries already in {sidecar}", file=sys.stderr)
+        dropped = f"; {state.dropped_lines} lines of an unfinished chunk dropped" if state.dropped_lines else ""
+        print(f"resuming: {len(state.lines)} of {len(lists)} queries already in {sidecar}{dropped}", file=sys.stderr)
 
     elapsed_scoring = 0.0
     if todo:
@@ -253,8 +269,10 @@ def run(args: argparse.Namespace) -> int:
         # Truncate away a torn tail so that appended chunks follow the last complete one.
         with open(sidecar, "ab") as fh:
             fh.truncate(state.valid_bytes)
-        bar = tqdm(total=n_docs_total, initial=n_docs_total - n_docs_todo, unit="doc", desc="rerank", dynamic_ncols=True,
-                   smoothing=0.1, file=sys.stderr)
+        # rate_noinv_fmt: always "docs/s", also below 1 doc/s (where tqdm's default would switch to "s/doc").
+        bar = tqdm(total=n_docs_total, initial=n_docs_total - n_docs_todo, unit=" docs", desc="rerank", dynamic_ncols=True,
+                   smoothing=0.1, file=sys.stderr,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} docs [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         t0 = time.perf_counter()
         try:
             with open(sidecar, "a", encoding="utf-8", newline="") as fh:
