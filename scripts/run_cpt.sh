@@ -17,30 +17,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${NUM_GPUS:-}" ]]; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    NUM_GPUS=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
-  fi
-  [[ -z "${NUM_GPUS:-}" || "${NUM_GPUS}" == "0" ]] && NUM_GPUS=1
-fi
-CONFIG=${CONFIG:-cpt/configs/qwen2.5_zero3.yaml}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
-PORT=${PORT:-29500}
+STAGE=cpt DEFAULT_PORT=29500
+# shellcheck source=scripts/_launch_common.sh
+source scripts/_launch_common.sh
 
-if [[ ! -f "$CONFIG" ]]; then
-  echo "error: CONFIG=$CONFIG does not exist (see cpt/configs/)" >&2
-  exit 2
-fi
-
-cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" cpt/train.py --config "$CONFIG")
-if [[ "$DS_CONFIG" != "none" ]]; then
-  if [[ ! -f "$DS_CONFIG" ]]; then
-    echo "error: DS_CONFIG=$DS_CONFIG does not exist (see ds_configs/, or DS_CONFIG=none)" >&2
-    exit 2
-  fi
-  cmd+=(--deepspeed "$DS_CONFIG")
-fi
-[[ -n "${MODEL:-}" ]] && cmd+=(--model_name_or_path "$MODEL")
 if [[ -n "${DATA:-}" ]]; then
   if [[ -d "$DATA" ]]; then
     if [[ ! -f "$DATA/train.jsonl" ]]; then
@@ -56,10 +36,4 @@ if [[ -n "${DATA:-}" ]]; then
     exit 2
   fi
 fi
-[[ -n "${OUT:-}" ]] && cmd+=(--output_dir "$OUT")
-cmd+=("$@")
-
-printf 'running:'
-printf ' %q' "${cmd[@]}"
-printf '\n'
-exec "${cmd[@]}"
+launch "$@"

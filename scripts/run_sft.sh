@@ -16,37 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${NUM_GPUS:-}" ]]; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    NUM_GPUS=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
-  fi
-  [[ -z "${NUM_GPUS:-}" || "${NUM_GPUS}" == "0" ]] && NUM_GPUS=1
-fi
-CONFIG=${CONFIG:-sft/configs/qwen2.5_zero3.yaml}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
-PORT=${PORT:-29501}
+STAGE=sft DEFAULT_PORT=29501
+# shellcheck source=scripts/_launch_common.sh
+source scripts/_launch_common.sh
 
-if [[ ! -f "$CONFIG" ]]; then
-  echo "error: CONFIG=$CONFIG does not exist (see sft/configs/)" >&2
-  exit 2
-fi
-
-cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" sft/train.py --config "$CONFIG")
-if [[ "$DS_CONFIG" != "none" ]]; then
-  if [[ ! -f "$DS_CONFIG" ]]; then
-    echo "error: DS_CONFIG=$DS_CONFIG does not exist (see ds_configs/, or DS_CONFIG=none)" >&2
-    exit 2
-  fi
-  cmd+=(--deepspeed "$DS_CONFIG")
-fi
-[[ -n "${MODEL:-}" ]] && cmd+=(--model_name_or_path "$MODEL")
 [[ -n "${DATA:-}" ]] && cmd+=(--train_file "$DATA")
-[[ -n "${OUT:-}" ]] && cmd+=(--output_dir "$OUT")
-cmd+=("$@")
-
-printf 'running:'
-for arg in "${cmd[@]}"; do
-  if [[ "$arg" =~ ^[A-Za-z0-9_./=,:@%+-]+$ ]]; then printf ' %s' "$arg"; else printf ' %q' "$arg"; fi
-done
-printf '\n'
-exec "${cmd[@]}"
+launch "$@"

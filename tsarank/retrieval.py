@@ -7,13 +7,43 @@ more word characters, optional stop-word removal and Snowball stemming.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tsarank.data.formats import Doc
 
-__all__ = ["bm25_retrieve"]
+__all__ = ["add_bm25_arguments", "bm25_options", "bm25_retrieve", "qrels_split_path"]
+
+
+def add_bm25_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--k1 --b --stemmer --stopwords`` (Pyserini's defaults) to a CLI parser or argument group."""
+    group.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (default 0.9, as Pyserini)")
+    group.add_argument("--b", type=float, default=0.4, help="BM25 b (default 0.4, as Pyserini)")
+    group.add_argument("--stemmer", default="english", help="PyStemmer algorithm, or 'none' (default english)")
+    group.add_argument("--stopwords", default="en", help="bm25s stop-word list, or 'none' (default en)")
+
+
+def bm25_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`bm25_retrieve` from options added by :func:`add_bm25_arguments`."""
+    return {
+        "k1": args.k1, "b": args.b,
+        "stemmer": None if args.stemmer.lower() == "none" else args.stemmer,
+        "stopwords": None if args.stopwords.lower() == "none" else args.stopwords,
+    }
+
+
+def qrels_split_path(corpus_dir: Path, split: str) -> Path:
+    """``DIR/qrels/SPLIT.tsv`` of a BEIR directory; a missing split is an error listing the splits found."""
+    path = corpus_dir / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        found = sorted(p.stem for p in (corpus_dir / "qrels").glob("*.tsv")) if (corpus_dir / "qrels").is_dir() else []
+        raise ValueError(f"no qrels split {split!r} in {corpus_dir}: {path} does not exist "
+                         f"(splits found: {', '.join(found) or 'none'})")
+    return path
 
 
 def _stemmer(name: str | None):

@@ -36,10 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--top-k", type=int, default=100, help="results per query (default 100)")
     parser.add_argument("--out", required=True, help="output TREC run (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (default 0.9, as Pyserini)")
-    parser.add_argument("--b", type=float, default=0.4, help="BM25 b (default 0.4, as Pyserini)")
-    parser.add_argument("--stemmer", default="english", help="PyStemmer algorithm, or 'none' (default english)")
-    parser.add_argument("--stopwords", default="en", help="bm25s stop-word list, or 'none' (default en)")
+    from tsarank.retrieval import add_bm25_arguments
+
+    add_bm25_arguments(parser)
     parser.add_argument("--tag", default="bm25", help="run tag (default bm25)")
     parser.set_defaults(func=run)
     return parser
@@ -58,18 +57,16 @@ def _resolve_qrels(args: argparse.Namespace, corpus: Path) -> Path | None:
         name = args.qrels
     else:
         return None
-    path = corpus / "qrels" / f"{name}.tsv"
-    if not path.is_file():
-        found = sorted(p.stem for p in (corpus / "qrels").glob("*.tsv")) if (corpus / "qrels").is_dir() else []
-        raise ValueError(f"no qrels split {name!r}: {path} does not exist (splits found: {', '.join(found) or 'none'})")
-    return path
+    from tsarank.retrieval import qrels_split_path
+
+    return qrels_split_path(corpus, name)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank retrieve``; returns the process exit code."""
     from tsarank.data.formats import read_corpus, read_qrels, read_queries, write_run
     from tsarank.evaluation import evaluate
-    from tsarank.retrieval import bm25_retrieve
+    from tsarank.retrieval import bm25_options, bm25_retrieve
 
     out = Path(args.out)
     corpus_path = Path(args.corpus)
@@ -106,11 +103,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     print(f"read {len(corpus):,} documents and {len(queries):,} queries in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    stemmer = None if args.stemmer.lower() == "none" else args.stemmer
-    stopwords = None if args.stopwords.lower() == "none" else args.stopwords
     t1 = time.perf_counter()
     try:
-        results = bm25_retrieve(corpus, queries, top_k=args.top_k, stemmer=stemmer, stopwords=stopwords, k1=args.k1, b=args.b)
+        results = bm25_retrieve(corpus, queries, top_k=args.top_k, **bm25_options(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

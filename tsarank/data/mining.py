@@ -476,11 +476,10 @@ def add_groups_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--seed", type=int, default=0, help="seed of the query subset and the negative draws (default 0)")
     parser.add_argument("--max-positives", type=int, default=None, help="keep at most N positives per group (seeded draw; default all). NFCorpus has ~40 per query")
     parser.add_argument("--min-grade", type=int, default=1, help="positives are judged documents with grade >= this (default 1; use 2 for TREC DL)")
+    from tsarank.retrieval import add_bm25_arguments
+
     bm25 = parser.add_argument_group("BM25 (without --run)")
-    bm25.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (default 0.9)")
-    bm25.add_argument("--b", type=float, default=0.4, help="BM25 b (default 0.4)")
-    bm25.add_argument("--stemmer", default="english", help="PyStemmer algorithm, or 'none' (default english)")
-    bm25.add_argument("--stopwords", default="en", help="bm25s stop-word list, or 'none' (default en)")
+    add_bm25_arguments(bm25)
     return parser
 
 
@@ -488,15 +487,18 @@ def _resolve_qrels(spec: str, corpus: Path) -> Path:
     path = Path(spec)
     if path.exists() or not corpus.is_dir():
         return path
-    split = corpus / "qrels" / f"{spec}.tsv"
-    if not split.is_file():
-        found = sorted(p.stem for p in (corpus / "qrels").glob("*.tsv")) if (corpus / "qrels").is_dir() else []
-        raise ValueError(f"--qrels {spec}: neither a file nor a split of {corpus} ({split} does not exist; splits found: {', '.join(found) or 'none'})")
-    return split
+    from tsarank.retrieval import qrels_split_path
+
+    try:
+        return qrels_split_path(corpus, spec)
+    except ValueError as exc:
+        raise ValueError(f"--qrels {spec}: neither a file nor a split ({exc})") from None
 
 
 def run_groups(args: argparse.Namespace) -> int:
     """Execute ``tsarank data groups``; returns the process exit code (0 ok, 2 bad input)."""
+    from tsarank.retrieval import bm25_options
+
     out = Path(args.out)
     corpus_path = Path(args.corpus)
     try:
@@ -537,10 +539,7 @@ def run_groups(args: argparse.Namespace) -> int:
         )
         if run is None:
             groups, stats = mine_bm25_groups(
-                corpus, queries, qrels, k1=args.k1, b=args.b,
-                stemmer=None if args.stemmer.lower() == "none" else args.stemmer,
-                stopwords=None if args.stopwords.lower() == "none" else args.stopwords, **common,
-            )
+                corpus, queries, qrels, **bm25_options(args), **common)
         else:
             groups, stats = groups_from_run(run, corpus, queries, qrels, **common)
     except (DataError, ValueError, FileNotFoundError) as exc:
