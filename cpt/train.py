@@ -151,6 +151,18 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
     if cpt_args.save_reference_logits:
         save_probe_logits(trainer, train_ds, collator, cpt_args.save_reference_logits)
     if trainer.is_world_process_zero():
+        from tsarank.model_card import write_model_card
+
+        objective = {"objective": "query-generation NLL (next-token loss on the query tokens given the text)"
+                     if cpt_args.mask_source else "next-token loss on the whole sequence",
+                     "mask_source": cpt_args.mask_source, "packing": cpt_args.packing}
+        for directory in dict.fromkeys([str(training_args.output_dir), str(load_dir)]):
+            write_model_card(
+                directory, base_model=model_args.model_name_or_path, stage=STAGE,
+                data_files=[f for f in (data_args.train_file,) if f], loss_config=objective,
+                eval_results=training.last_rank_eval(callbacks, data_args), hub_model_id=training_args.hub_model_id,
+                template=template, hyperparameters=training.card_hyperparameters(training_args, model_args),
+            )
         print(f"stage 1 checkpoint: {load_dir}")
     return 0
 

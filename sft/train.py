@@ -242,20 +242,6 @@ def _loss_settings(loss_config, sft_args: SFTArguments, model_args: ModelArgumen
     return settings
 
 
-def _hyperparameters(training_args, model_args: ModelArguments) -> dict[str, Any]:
-    keys = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "max_steps",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "bf16")
-    hp = {k: getattr(training_args, k) for k in keys}
-    hp["lr_scheduler_type"] = str(getattr(hp["lr_scheduler_type"], "value", hp["lr_scheduler_type"]))
-    hp["world_size"] = training_args.world_size
-    hp["deepspeed"] = training_args.deepspeed if isinstance(training_args.deepspeed, str) else bool(training_args.deepspeed)
-    hp["train_top_layers"] = model_args.train_top_layers
-    hp["use_lora"] = model_args.use_lora
-    if model_args.use_lora:
-        hp["lora_r"], hp["lora_alpha"] = model_args.lora_r, model_args.lora_alpha
-    return hp
-
-
 # -------------------------------------------------------------------------------------------------- main
 @dataclasses.dataclass
 class SFTResult:
@@ -374,9 +360,9 @@ def train(argv: Sequence[str] | None = None) -> SFTResult:
         for directory in dict.fromkeys([output_dir, load_dir]):
             write_model_card(
                 directory, base_model=model_args.model_name_or_path, stage=STAGE, data_files=files,
-                loss_config=extra["loss"], eval_results=_eval_results(callbacks, data_args),
+                loss_config=extra["loss"], eval_results=training.last_rank_eval(callbacks, data_args),
                 hub_model_id=training_args.hub_model_id, template=template,
-                hyperparameters=_hyperparameters(training_args, model_args),
+                hyperparameters=training.card_hyperparameters(training_args, model_args),
             )
 
     if trainer.is_world_process_zero():
@@ -400,17 +386,6 @@ def _copy_head(output_dir: str, load_dir: str) -> None:
     src = Path(output_dir) / HEAD_WEIGHTS
     if load_dir != output_dir and src.is_file():
         shutil.copy2(src, Path(load_dir) / HEAD_WEIGHTS)
-
-
-def _eval_results(callbacks: Sequence[Any], data_args: DataArguments) -> dict[str, Any] | None:
-    """The last ranking evaluation of the run, for the model card."""
-    for cb in callbacks:
-        history = getattr(cb, "history", None)
-        if history:
-            name = Path(data_args.rank_eval_candidates or "evaluation").name
-            step, value = history[-1]
-            return {name: {getattr(cb, "measure", "nDCG@10"): value, "step": step}}
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

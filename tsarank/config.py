@@ -120,6 +120,14 @@ class TsarankTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "allow writing into a non-empty output_dir (never silently overwritten)"}
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        import torch
+
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            # Pinned memory only speeds up host-to-GPU copies; without a GPU torch warns once per DataLoader.
+            self.dataloader_pin_memory = False
+
 
 def _dataclass_fields(types: Sequence[type]) -> set[str]:
     return {f.name for t in types for f in fields(t) if f.init}

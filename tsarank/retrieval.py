@@ -98,8 +98,12 @@ def bm25_retrieve(
     Raises:
         ValueError: Empty corpus, ``top_k < 1`` or an unknown stemmer.
     """
+    import logging
+
     import bm25s
 
+    # bm25s sets its own logger to DEBUG, so any root handler (our CLIs configure one) printed its internals.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if not corpus:

@@ -800,3 +800,30 @@ def standard_callbacks(data_args: Any, template: PromptTemplate) -> list[Trainer
                                 max_queries=data_args.rank_eval_max_queries)
         )
     return cbs
+
+
+# ------------------------------------------------------------------------------------------ model cards
+def card_hyperparameters(training_args: Any, model_args: Any) -> dict[str, Any]:
+    """The training settings shown in a model card's hyper-parameter table."""
+    keys = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "max_steps",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "bf16")
+    hp = {k: getattr(training_args, k) for k in keys}
+    hp["lr_scheduler_type"] = str(getattr(hp["lr_scheduler_type"], "value", hp["lr_scheduler_type"]))
+    hp["world_size"] = training_args.world_size
+    hp["deepspeed"] = training_args.deepspeed if isinstance(training_args.deepspeed, str) else bool(training_args.deepspeed)
+    hp["train_top_layers"] = model_args.train_top_layers
+    hp["use_lora"] = model_args.use_lora
+    if model_args.use_lora:
+        hp["lora_r"], hp["lora_alpha"] = model_args.lora_r, model_args.lora_alpha
+    return hp
+
+
+def last_rank_eval(callbacks: Sequence[Any], data_args: Any) -> dict[str, Any] | None:
+    """The last ranking evaluation of the run, for the model card."""
+    for cb in callbacks:
+        history = getattr(cb, "history", None)
+        if history:
+            name = Path(data_args.rank_eval_candidates or "evaluation").name
+            step, value = history[-1]
+            return {name: {getattr(cb, "measure", "nDCG@10"): value, "step": step}}
+    return None
