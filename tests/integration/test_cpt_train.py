@@ -275,7 +275,7 @@ def test_lora_merge_on_default_model_scores_in_ranker(shared_data, default_ranke
     assert (out / "merged" / "tsarank_config.json").is_file() and (out / "merged" / "tokenizer.json").is_file()
     for card in (out / "README.md", out / "merged" / "README.md"):  # stage 1 writes its model card too
         text = card.read_text()
-        assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in text and "stage 1, continual pre-training" in text
+        assert "base_model: \"HuggingFaceTB/SmolLM2-135M-Instruct\"" in text and "stage 1, continual pre-training" in text
         assert "rankinggpt_text_pairs.json" in text and "| `use_lora` | True |" in text
     losses = [h["loss"] for h in _history(out) if "loss" in h]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
