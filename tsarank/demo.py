@@ -62,13 +62,13 @@ class Preset:
 
 PRESETS = {
     "quick": Preset(
-        # Sizes for ~20 min on 2 CPU cores, where scoring 3 models dominates. The SFT data is mostly MS MARCO (the
+        # ~26 min measured on 2 CPU cores, where scoring 3 models dominates. The SFT data is mostly MS MARCO (the
         # domain of DL19); CPT takes small steps: 80 scientific title -> abstract pairs cannot teach much, and at
         # 5e-5 they moved the model away from web queries (DL19 nDCG@10 0.562 -> 0.540 in a measured run).
         name="quick", weak_pairs=2000, cpt_steps=20, cpt_batch=4, nfcorpus_train_queries=50, sft_steps=80,
         sft_group_size=8, sft_batch=1, top_k=20, max_queries={"dl19": None, "scifact": 15, "nfcorpus": 15},
         beir_top_k=10, sft_top_layers=8, learning_rate_cpt=1e-5, learning_rate_sft=1e-4,
-        estimates_s={"weak_pairs": 5, "cpt": 100, "groups": 5, "sft": 330, "evaluate": 870, "report": 5},
+        estimates_s={"weak_pairs": 5, "cpt": 150, "groups": 5, "sft": 400, "evaluate": 970, "report": 5},
     ),
     "full": Preset(
         name="full", weak_pairs=50000, cpt_steps=1000, cpt_batch=32, nfcorpus_train_queries=2590, sft_steps=1000,

@@ -125,7 +125,8 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
             f"NFCorpus train queries mined: {preset.nfcorpus_train_queries}. Machine: {platform.machine()}, "
             f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}.",
             "",
-            "Evaluation (reduced depth and query counts are stated here):",
+            f"Evaluation (reduced depth and query counts are stated here; every model reads at most "
+            f"{preset.max_doc_tokens} document tokens, the training budget):",
             *setup_lines,
             "",
             table,
