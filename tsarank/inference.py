@@ -23,6 +23,7 @@ from .modeling import (
     last_token_scores,
     load_causal_lm,
     query_likelihood_scores,
+    resolve_device,
     resolve_dtype,
 )
 from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, encode_pairs
@@ -133,7 +134,7 @@ class Ranker:
         """
         from transformers import AutoTokenizer
 
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         local = Path(name_or_path)
         meta_dir = local if local.is_dir() else _hub_sidecar_dir(name_or_path)
         meta = load_tsarank_config(meta_dir) if meta_dir is not None else None

@@ -24,6 +24,13 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU; anything else goes through ``torch.device``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def resolve_attn_implementation(requested: str | None, device: torch.device | str | None) -> str:
     """Pick the attention backend.
 
@@ -31,7 +38,7 @@ def resolve_attn_implementation(requested: str | None, device: torch.device | st
     Asking for ``"flash_attention_2"`` explicitly without it is an error rather than a silent fallback.
     """
     requested = requested or "auto"
-    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    on_cuda = resolve_device(device).type == "cuda"
     if requested == "auto":
         return "flash_attention_2" if on_cuda and flash_attn_available() else "sdpa"
     if requested == "flash_attention_2":
@@ -50,7 +57,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        on_cuda = resolve_device(device).type == "cuda"
         return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}

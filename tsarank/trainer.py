@@ -279,13 +279,7 @@ def _rows_logprob_kl(
     """
     logp = torch.log_softmax(head(h).float(), dim=-1)
     lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-    with torch.no_grad():
-        ref_logp = torch.log_softmax(ref_head(ref_h).float(), dim=-1)
-        p_ref = ref_logp.exp()
-        neg_entropy = (p_ref * ref_logp.masked_fill(p_ref == 0, 0.0)).sum(-1)
-        del ref_logp  # not needed below: one [n, V] tensor less at the peak
-    kl = neg_entropy - (p_ref * logp).sum(-1)
-    return lp, kl
+    return lp, _kl_rows(_ref_probs(ref_head, ref_h), logp)
 
 
 def _chunked(fn: Callable[..., Any], tensors: list[torch.Tensor], chunk: int, *, use_checkpoint: bool) -> list[Any]:

@@ -175,12 +175,10 @@ def _report_missing(missing: list[str], strict: bool) -> None:
 
 
 def _device_type(device: str | None) -> str:
-    import torch
+    from tsarank.modeling import resolve_device
 
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(device).type
+        kind = resolve_device(device).type
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     return "cuda" if kind == "cuda" else "cpu"
