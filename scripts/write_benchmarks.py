@@ -10,7 +10,7 @@ saved logs::
         --result sft   outputs/bench_logs/sft.log   "python scripts/bench_sft_step.py" \\
         --out BENCHMARKS.md
 
-Each ``--result NAME LOG COMMAND`` names a benchmark (``score``, ``cpt`` or ``sft``), the file holding its output
+Each ``--result NAME LOG COMMAND`` names a benchmark (``score``, ``cpt``, ``sft`` or ``trunk``), the file holding its output
 (the last line starting with ``RESULT `` is used) and the exact command that produced it. Every figure is shown
 next to its baseline, measured in the same process (the benchmarks' own design), as a ratio; the machine
 description (CPU model, cores, RAM, torch version, date) is collected here, so run this on the benchmark machine.
@@ -183,10 +183,29 @@ def sft_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
     return table(rows), headline, setup
 
 
+def trunk_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_shared_trunk.py``: several checkpoints with a shared trunk vs one Ranker pass each."""
+    rows: list[Row] = [
+        (f"scoring {r.get('models', '?')} checkpoints, time", "", "", ratio(r.get("speedup")),
+         f"speed-up of one shared-trunk pass over separate passes (ideal {ratio(r.get('ideal_speedup'))})"),
+        ("peak RSS growth while scoring, MB", num(r.get("peak_growth_mb")), num(r.get("separate_peak_growth_mb")),
+         ratio(div(r.get("peak_growth_mb"), r.get("separate_peak_growth_mb"))), "shared / separate (lower is better)"),
+        ("max abs score difference", num(r.get("max_abs_diff")), "0", "-", "same scores as separate passes"),
+    ]
+    setup = (f"{r.get('pairs', '?')} DL19 (query, passage) pairs scored by {r.get('models', '?')} checkpoints sharing "
+             f"{r.get('shared_blocks', '?')} of {r.get('blocks', '?')} blocks (the default model and copies with the "
+             f"top blocks changed, as `train_top_layers` training in both stages leaves them), fp32, best of "
+             f"{r.get('repeats', '?')} interleaved repeats. Baseline: `Ranker.score_pairs` once per checkpoint.")
+    headline = [f"evaluating {r.get('models', '?')} checkpoints that share {r.get('shared_blocks', '?')} of "
+                f"{r.get('blocks', '?')} blocks: **{ratio(r.get('speedup'))}** faster in one shared-trunk pass"]
+    return table(rows), headline, setup
+
+
 SECTIONS: dict[str, tuple[str, str, Callable[[dict[str, Any]], tuple[str, list[str], str]]]] = {
     "score": ("Scoring (inference)", "scripts/bench_score.py", score_section),
     "cpt": ("Stage 1 (CPT) training throughput", "scripts/bench_cpt.py", cpt_section),
     "sft": ("Stage 2 (SFT) step: memory and time", "scripts/bench_sft_step.py", sft_section),
+    "trunk": ("Evaluating checkpoints that share frozen blocks", "scripts/bench_shared_trunk.py", trunk_section),
 }
 
 
