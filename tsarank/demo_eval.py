@@ -66,13 +66,16 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
 
     Returns:
         ``{dataset: {system: {measure: value}}, "significance": {dataset: {system: {measure: p}}},
-        "setup": {dataset: {"queries": n, "top_k": k}}}``.
+        "sft_vs_zero_shot": {dataset: {measure: {"delta", "p_value", "wins", "losses"}}},
+        "setup": {dataset: {"queries": n, "top_k": k}, "shared_blocks": n}}`` (``shared_blocks``: decoder
+        blocks run once for all models, see :mod:`tsarank.shared_trunk`).
     """
     import torch
     from tqdm import tqdm
 
     from .default_model import default_model_path
     from .inference import Ranker
+    from .shared_trunk import score_pairs_shared
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     cands: dict[str, list[CandidateList]] = {}
@@ -83,21 +86,26 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
     runs: dict[str, dict[str, dict]] = {ds: {"bm25": {c.qid: list(zip(c.docids, c.scores)) for c in cands[ds]}} for ds in cands}
 
     pairs = [(c.query, t) for ds in cands for c in cands[ds] for t in c.texts]
-    for system, path in models.items():
+    rankers = []
+    for path in models.values():
         ranker = Ranker.from_pretrained(str(default_model_path()) if path == "default" else path, dtype="float32"
                                         if not torch.cuda.is_available() else None)
         # Every system reads the same document budget (the one the stages train with): the default model's own
         # template allows 256 tokens, which alone moved zero-shot DL19 nDCG@10 by about 0.02 against 128-token
         # checkpoints in a measured run, an unfair comparison.
         ranker.template = dataclasses.replace(ranker.template, max_doc_tokens=preset.max_doc_tokens)
-        with tqdm(total=len(pairs), desc=f"{desc} {system}", unit="doc") as bar:
-            scores = ranker.score_pairs(pairs, on_batch=bar.update)
-        del ranker
+        rankers.append(ranker)
+    # Checkpoints trained with train_top_layers in both stages share their bottom blocks with the zero-shot
+    # model: those run once per batch for all systems (tsarank.shared_trunk); otherwise each runs in full.
+    with tqdm(total=len(pairs), desc=f"{desc} {'+'.join(models)}", unit="doc") as bar:
+        all_scores, shared = score_pairs_shared(rankers, pairs, on_batch=bar.update)
+    del rankers
+    for system, scores in zip(models, all_scores):
         it = iter(scores)
         for ds in cands:
             runs[ds][system] = {c.qid: [(d, next(it)) for d in c.docids] for c in cands[ds]}
 
-    results: dict[str, Any] = {"significance": {}, "setup": {}}
+    results: dict[str, Any] = {"significance": {}, "sft_vs_zero_shot": {}, "setup": {"shared_blocks": shared}}
     for ds in cands:
         ms = measures_for(ds, depth[ds])
         results[ds] = {}
@@ -109,4 +117,11 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
             if system != "bm25":
                 cmp = compare(runs[ds]["bm25"], run, qrels[ds], ms)
                 results["significance"][ds][system] = {_measure_key(k): v["p_value"] for k, v in cmp.items()}
+        if "sft" in runs[ds] and "zero_shot" in runs[ds]:
+            # Did training help? The same paired test, M_sft against the model both stages started from.
+            cmp = compare(runs[ds]["zero_shot"], runs[ds]["sft"], qrels[ds], ms)
+            results["sft_vs_zero_shot"][ds] = {
+                _measure_key(k): {"delta": v["delta"], "p_value": v["p_value"], "wins": v["wins"], "losses": v["losses"]}
+                for k, v in cmp.items()
+            }
     return results

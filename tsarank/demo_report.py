@@ -108,21 +108,30 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
     for ds in datasets:
         r = results[ds]
         if "sft" in r:
+            vs_zs = results.get("sft_vs_zero_shot", {}).get(ds, {}).get("nDCG@10")
+            test = (f" (paired t-test p = {vs_zs['p_value']:.3g}; {vs_zs['wins']} queries up, {vs_zs['losses']} down)"
+                    if vs_zs else "")
             margins.append(
                 f"- {DATASET_NAMES[ds]}: M_sft - BM25 = {r['sft']['nDCG@10'] - r['bm25']['nDCG@10']:+.4f}, "
-                f"M_sft - zero-shot = {r['sft']['nDCG@10'] - r['zero_shot']['nDCG@10']:+.4f} nDCG@10"
+                f"M_sft - zero-shot = {r['sft']['nDCG@10'] - r['zero_shot']['nDCG@10']:+.4f}{test} nDCG@10"
             )
     setup_lines = [
         f"- {DATASET_NAMES[ds]}: {s['queries']} queries, BM25 top-{s['top_k']} re-ranked, binary measures at grade >= {s['rel_level']}"
-        for ds, s in setup.items()
+        for ds, s in setup.items() if ds in DATASET_NAMES
     ]
+    trained = lambda n: f"top {n} blocks" if n else "all blocks"  # noqa: E731
+    shared = setup.get("shared_blocks", 0)
+    sharing = (f" The models share their bottom {shared} blocks, which ran once per batch for all of them."
+               if shared else "")
     md = "\n".join(
         [
             "# tsarank demo report",
             "",
             f"Preset `{preset.name}`: CPT {preset.cpt_steps} steps x {preset.cpt_batch} pairs (of {preset.weak_pairs} weak pairs), "
-            f"SFT {preset.sft_steps} steps x {preset.sft_batch} groups of {preset.sft_group_size}, "
-            f"NFCorpus train queries mined: {preset.nfcorpus_train_queries}. Machine: {platform.machine()}, "
+            f"SFT {preset.sft_steps} steps x {preset.sft_batch} groups of {preset.sft_group_size} (score transform "
+            f"{preset.sft_score_transform}, tau {preset.sft_temperature}, L_gen span {preset.sft_gen_span}), "
+            f"NFCorpus train queries mined: {preset.nfcorpus_train_queries}. Trained: CPT "
+            f"{trained(preset.cpt_top_layers)}, SFT {trained(preset.sft_top_layers)}.{sharing} Machine: {platform.machine()}, "
             f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}.",
             "",
             f"Evaluation (reduced depth and query counts are stated here; every model reads at most "

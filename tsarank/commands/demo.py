@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
-                   help="quick: ~26 min measured on 2 CPU cores, reduced depth/queries; full: for a GPU")
+                   help="quick: ~15 min measured on 2 CPU cores, reduced depth/queries; full: for a GPU")
     p.add_argument("--data", default=None, help="data folder (default: $TSARANK_DATA, else ../shared/data)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished phases")
     p.add_argument("--overwrite", action="store_true", help="delete a previous demo output in --out and start over")
