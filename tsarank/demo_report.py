@@ -109,11 +109,11 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
         r = results[ds]
         if "sft" in r:
             vs_zs = results.get("sft_vs_zero_shot", {}).get(ds, {}).get("nDCG@10")
-            test = (f" (paired t-test p = {vs_zs['p_value']:.3g}; {vs_zs['wins']} queries up, {vs_zs['losses']} down)"
-                    if vs_zs else "")
+            test = (f" (paired t-test p = {vs_zs['p_value']:.3g}; queries up / down: {vs_zs['wins']} / "
+                    f"{vs_zs['losses']})" if vs_zs else "")
             margins.append(
-                f"- {DATASET_NAMES[ds]}: M_sft - BM25 = {r['sft']['nDCG@10'] - r['bm25']['nDCG@10']:+.4f}, "
-                f"M_sft - zero-shot = {r['sft']['nDCG@10'] - r['zero_shot']['nDCG@10']:+.4f}{test} nDCG@10"
+                f"- {DATASET_NAMES[ds]}: M_sft - BM25 = {r['sft']['nDCG@10'] - r['bm25']['nDCG@10']:+.4f}; "
+                f"M_sft - zero-shot = {r['sft']['nDCG@10'] - r['zero_shot']['nDCG@10']:+.4f}{test}"
             )
     setup_lines = [
         f"- {DATASET_NAMES[ds]}: {s['queries']} queries, BM25 top-{s['top_k']} re-ranked, binary measures at grade >= {s['rel_level']}"
