@@ -54,3 +54,16 @@ def freeze_all_but_top(model: nn.Module, n: int) -> list[str]:
         if p.requires_grad:
             trainable.append(name)
     return trainable
+
+
+def final_norm(body: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
+    """The module applied to the last block's output: a child registered after the block list whose class
+    name says it is a norm (``norm`` in Llama/Qwen2/Mistral/Gemma, ``ln_f`` in BLOOM/GPT-2, ...)."""
+    children = list(body.named_children())
+    idx = next((i for i, (_, m) in enumerate(children) if m is layers), None)
+    if idx is None:
+        raise TypeError(f"the decoder block list is not a direct child of {type(body).__name__}")
+    norms = [(n, m) for n, m in children[idx + 1 :] if "norm" in type(m).__name__.lower()]
+    if len(norms) > 1:
+        raise TypeError(f"several candidate final norms after the block list: {[n for n, _ in norms]}")
+    return norms[0][1] if norms else None

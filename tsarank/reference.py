@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from tsarank.layers import find_decoder_layers
+from tsarank.layers import final_norm, find_decoder_layers
 from tsarank.modeling import body_and_head, load_causal_lm, run_body, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -312,17 +312,33 @@ class _StopForward(Exception):
     """Raised by the capture hook to skip the policy's top blocks when only the prefix is needed."""
 
 
-def _final_norm(body: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
-    """The module applied to the last block's output: a child registered after the block list whose class
-    name says it is a norm (``norm`` in Llama/Qwen2/Mistral/Gemma, ``ln_f`` in BLOOM/GPT-2, ...)."""
-    children = list(body.named_children())
-    idx = next((i for i, (_, m) in enumerate(children) if m is layers), None)
-    if idx is None:
-        raise TypeError(f"the decoder block list is not a direct child of {type(body).__name__}")
-    norms = [(n, m) for n, m in children[idx + 1 :] if "norm" in type(m).__name__.lower()]
-    if len(norms) > 1:
-        raise TypeError(f"several candidate final norms after the block list: {[n for n, _ in norms]}")
-    return norms[0][1] if norms else None
+def block_inputs(
+    model: nn.Module, block: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword inputs ``block`` receives for these inputs, running the body only up to it.
+
+    The body's own forward computes them (hidden states, the prepared mask, rotary position embeddings), so this
+    follows whatever the model class does; the blocks from ``block`` on never run.
+    """
+    body, _ = body_and_head(model)
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run_body(body, input_ids, attention_mask, **_pos_kw(position_ids))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the capture hook did not fire: {type(body).__name__} never called the block; is its "
+                           "block list intact?")
+    return captured[0]
 
 
 class SharedPrefixReference(Reference):
@@ -354,7 +370,7 @@ class SharedPrefixReference(Reference):
             )
         self.n_top = n_top
         body, head = body_and_head(lm)
-        norm = _final_norm(body, layers)
+        norm = final_norm(body, layers)
         top = list(layers)[self.n_layers - n_top :]
         top_ids = {id(p) for m in top for p in m.parameters()}
         after_ids = {id(p) for p in norm.parameters()} if norm is not None else set()
@@ -385,10 +401,6 @@ class SharedPrefixReference(Reference):
         if self._armed:
             self._captured = (args, dict(kwargs))
             self._armed = False
-            if self._stop:
-                raise _StopForward
-
-    _stop = False
 
     def prepare(self, policy: nn.Module) -> None:
         """Arm the capture for the next policy forward."""
@@ -420,18 +432,8 @@ class SharedPrefixReference(Reference):
         if cap is not None and cap[0][0].shape[:2] == input_ids.shape:
             return cap
         # No capture from a policy forward over these inputs: run the policy's (frozen) bottom blocks only.
-        body, _ = body_and_head(self._policy)
-        self._armed, self._stop = True, True
-        try:
-            with _eval_mode(self._policy):
-                run_body(body, input_ids, attention_mask, **_pos_kw(position_ids))
-        except _StopForward:
-            pass
-        finally:
-            self._armed, self._stop = False, False
-        if self._captured is None:
-            raise RuntimeError("the shared-prefix capture hook did not fire; is the policy's block list intact?")
-        return self._captured
+        with _eval_mode(self._policy):
+            return block_inputs(self._policy, self._first_top, input_ids, attention_mask, position_ids)
 
     @torch.no_grad()
     def hidden_at(

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .inference import Ranker, collate_pairs, plan_batches
-from .layers import find_decoder_layers
-from .modeling import body_and_head, query_likelihood_scores, run_body, segment_mean, target_rows
-from .reference import _final_norm, _StopForward
+from .layers import final_norm, find_decoder_layers
+from .modeling import body_and_head, query_likelihood_scores, segment_mean, token_logprobs
+from .reference import block_inputs
 
 __all__ = ["shared_prefix_blocks", "score_pairs_shared"]
 
@@ -67,45 +67,27 @@ def shared_prefix_blocks(models: Sequence[nn.Module]) -> int:
     return k
 
 
-def _trunk_inputs(model: nn.Module, k: int, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inputs of block ``k`` (hidden states and the body's mask / position arguments) for this batch, running
-    only the embeddings and blocks ``0 .. k-1``."""
-    body, _ = body_and_head(model)
-    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+class _Top:
+    """What one model runs on top of the shared trunk: its blocks ``k ..``, then (per gathered row) its final
+    norm and LM head."""
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, dict(kwargs)))
-        raise _StopForward
+    def __init__(self, model: nn.Module, k: int) -> None:
+        body, head = body_and_head(model)
+        blocks = find_decoder_layers(model)
+        self.blocks = list(blocks)[k:]
+        norm = final_norm(body, blocks)
+        # Norms act per position: normalising the gathered query rows only is exact and cheaper.
+        self.row_head = nn.Sequential(norm, head) if norm is not None else head
 
-    handle = find_decoder_layers(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        run_body(body, batch.input_ids, batch.attention_mask)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"block {k} of {type(model).__name__} was never called; is its block list intact?")
-    return captured[0]
-
-
-def _top_scores(model: nn.Module, k: int, trunk: tuple[tuple[Any, ...], dict[str, Any]], batch: Any) -> torch.Tensor:
-    """``[B]`` query-likelihood scores: this model's blocks ``k ..``, final norm and head on the shared trunk."""
-    body, head = body_and_head(model)
-    blocks = find_decoder_layers(model)
-    args, kwargs = trunk
-    hidden = args[0]
-    for block in list(blocks)[k:]:
-        out = block(hidden, *args[1:], **kwargs)
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-    b, pos = target_rows(batch.target_mask)
-    rows = hidden[b, pos]
-    norm = _final_norm(body, blocks)
-    # Norms act per position: normalising the gathered rows only is exact and cheaper.
-    rows = norm(rows) if norm is not None else rows
-    logits = head(rows).float()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[b, pos + 1][:, None]).squeeze(-1)
-    return segment_mean(lp, b, batch.input_ids.shape[0])
+    def scores(self, trunk: tuple[tuple[Any, ...], dict[str, Any]], batch: Any) -> torch.Tensor:
+        """``[B]`` mean log p of the query tokens, from the inputs of block ``k``."""
+        args, kwargs = trunk
+        hidden = args[0]
+        for block in self.blocks:
+            out = block(hidden, *args[1:], **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        lp, b = token_logprobs(hidden, self.row_head, batch.input_ids, batch.target_mask)
+        return segment_mean(lp, b, batch.input_ids.shape[0])
 
 
 def _check_compatible(rankers: Sequence[Ranker]) -> None:
@@ -149,14 +131,16 @@ def score_pairs_shared(
     r0 = rankers[0]
     models = [r.model for r in rankers]
     k = shared_prefix_blocks(models) if len(models) > 1 else 0
+    tops = [_Top(m, k) for m in models] if k else []
+    first_top = find_decoder_layers(models[0])[k] if k else None
     encoded = r0.encode([q for q, _ in pairs], [d for _, d in pairs])
     scores = [[0.0] * len(encoded) for _ in rankers]
     with torch.inference_mode():
         for idx in plan_batches([len(e.input_ids) for e in encoded], r0.max_tokens, batch_size):
             batch = collate_pairs([encoded[i] for i in idx], r0.pad_id, r0.device)
             if k:
-                trunk = _trunk_inputs(models[0], k, batch)
-                outs = [_top_scores(m, k, trunk, batch) for m in models]
+                trunk = block_inputs(models[0], first_top, batch.input_ids, batch.attention_mask)
+                outs = [top.scores(trunk, batch) for top in tops]
             else:
                 outs = [query_likelihood_scores(m, batch.input_ids, batch.attention_mask, batch.target_mask)
                         for m in models]
