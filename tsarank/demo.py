@@ -71,8 +71,8 @@ PRESETS = {
         # For 2 CPU cores, where scoring dominates. Both stages train only the top 8 of 30 blocks, so the zero-shot
         # model, M_cpt and M_sft share 22 blocks and the evaluation runs them once for all three
         # (tsarank.shared_trunk). The SFT data is mostly MS MARCO (the domain of DL19). CPT takes small steps: 80
-        # scientific title -> abstract pairs cannot teach much, and at 5e-5 (all blocks) they moved the model away
-        # from web queries (DL19 nDCG@10 0.562 -> 0.540 in a measured run). SFT: with one group per step the
+        # scientific title -> abstract pairs cannot teach much (at 5e-5 on all blocks, DL19 nDCG@10 0.540 against
+        # 0.5405 zero-shot at the same 128-token budget in a measured run). SFT: with one group per step the
         # ranking loss is spiky (grad norms in the hundreds, clipped to 1), so 1e-4 barely moved the ranking
         # (DL19 0.544 against M_cpt's 0.545); 3e-4 with L_gen on the query tokens (the score itself) reached
         # 0.558 from the same M_cpt in a measured run, against 0.5405 zero-shot.
