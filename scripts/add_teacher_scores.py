@@ -2,7 +2,7 @@
 """Score every passage of a group file with a teacher ranker and write ``teacher_scores``.
 
 The output is the input group file with one more key per record, ``"teacher_scores"``: one score per
-passage, aligned with ``positive_passages`` followed by ``negative_passages`` (the contract of DESIGN.md
+passage, aligned with ``positive_passages`` followed by ``negative_passages`` (the contract of docs/design.md
 section 3 that ``sft/train.py --loss distill_kl`` / ``ranknet`` reads). Every other key of the record is kept
 as it was. The teacher is any model :class:`tsarank.Ranker` loads: a tsarank checkpoint directory (full,
 merged, LoRA adapter or last-token head), a Hub id, or ``default`` (the embedded SmolLM2-135M-Instruct).
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tsarank.data.formats import atomic_open, iter_jsonl, parse_group
+    from tsarank.atomic import atomic_open
+    from tsarank.data.formats import iter_jsonl, parse_group
     from tsarank.data.groups import doc_text
     from tsarank.errors import DataError
 

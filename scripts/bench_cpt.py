@@ -2,7 +2,7 @@
 """Benchmark stage-1 (CPT) training throughput on the default model: padded batches vs packed rows.
 
 Both modes train on exactly the same pairs per step (real DL19 BM25 candidates as documents, their queries as
-targets), with the real training computation (tsarank.cpt.causal_lm_loss forward + backward; the optimizer step
+targets), with the real training computation (tsarank.training.cpt_trainer.causal_lm_loss forward + backward; the optimizer step
 costs the same in both modes and is left out, so both modes see identical weights and their losses can be compared).
 Padded batches
 right-pad every pair to the longest of the batch; packed batches put several pairs per row (first-fit decreasing,
@@ -42,12 +42,12 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    from tsarank.cpt import causal_lm_loss
     from tsarank.data.collate import CPTCollator
     from tsarank.data.formats import read_rank_llm
-    from tsarank.modeling import load_causal_lm
+    from tsarank.modeling import load_causal_lm, model_inputs
     from tsarank.prompts import PromptTemplate, encode_pairs
-    from tsarank.training import load_tokenizer, resolve_model_path
+    from tsarank.training.cpt_trainer import causal_lm_loss
+    from tsarank.training.model_setup import load_tokenizer, resolve_model_path
 
     path = resolve_model_path("default")
     tok = load_tokenizer(path)
@@ -63,20 +63,20 @@ def main() -> None:
     enc = encode_pairs(tok, template, [q for q, _ in chosen], [d for _, d in chosen])
     feats = [{"input_ids": e.input_ids, "target_start": e.target_start, "target_end": e.target_end} for e in enc]
     batches = [feats[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
-    collators = {
-        "padded": CPTCollator(pad_token_id=tok.pad_token_id),
-        "packed": CPTCollator(pad_token_id=tok.pad_token_id, packing=True),
-        f"packed{args.pack_capacity}": CPTCollator(pad_token_id=tok.pad_token_id, packing=True,
-                                                   packing_max_length=args.pack_capacity),
-    }
-    modes = list(collators)
+    collator = CPTCollator(pad_token_id=tok.pad_token_id)
+    # (packing, row capacity): the packing happens on the device, in the loss, as in CausalLMTrainer.
+    settings = {"padded": (False, None), "packed": (True, None), f"packed{args.pack_capacity}": (True, args.pack_capacity)}
+    modes = list(settings)
 
-    stats = {m: {"seconds": [], "tokens": 0, "positions": 0, "rows": 0, "losses": []} for m in collators}
+    stats = {m: {"seconds": [], "tokens": 0, "positions": 0, "rows": 0, "losses": []} for m in settings}
     for step, feats_b in enumerate(batches):
+        batch = collator(feats_b)
         for mode in modes[step % len(modes):] + modes[: step % len(modes)]:  # rotate the order every step
-            batch = collators[mode](feats_b)
+            packing, capacity = settings[mode]
+            layout = model_inputs(model, batch["input_ids"], batch["attention_mask"], pack=packing,
+                                  pad_id=tok.pad_token_id, capacity=capacity).input_ids
             t0 = time.perf_counter()
-            loss, _ = causal_lm_loss(model, batch)
+            loss, _ = causal_lm_loss(model, batch, packing=packing, capacity=capacity, pad_id=tok.pad_token_id)
             loss.backward()
             model.zero_grad(set_to_none=True)  # no update: both modes must see identical weights
             dt = time.perf_counter() - t0
@@ -85,8 +85,8 @@ def main() -> None:
             s = stats[mode]
             s["seconds"].append(dt)
             s["tokens"] += int(batch["attention_mask"].sum())
-            s["positions"] += batch["input_ids"].numel()
-            s["rows"] += batch["input_ids"].shape[0]
+            s["positions"] += layout.numel()
+            s["rows"] += layout.shape[0]
             s["losses"].append(loss.item())
         print(f"step {step}{' (warm-up)' if step == 0 else ''}: " + ", ".join(
             f"{m} {stats[m]['seconds'][-1]:.2f}s" for m in modes if step > 0))

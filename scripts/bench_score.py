@@ -101,11 +101,9 @@ def baseline_scores(model, encoded, pad_id: int, batch_size: int = 8) -> list[fl
 
 def floor_forward(body, batches) -> None:
     """The transformer body alone over pre-collated batches: the time no scorer can beat."""
-    from tsarank.modeling import run_body
-
     with torch.inference_mode():
         for batch in batches:
-            run_body(body, batch.input_ids, batch.attention_mask)
+            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 
 
 def load_pairs(n_queries: int, n_docs: int) -> list[tuple[str, str]]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark one SFT step: tsarank's row-gathered loss vs the released code's full-logits formulation.
 
-Setting (DESIGN section 2, issue 4): the default model (SmolLM2-135M, fp32 on CPU / bf16 on CUDA), one query
+Setting (docs/design.md section 2): the default model (SmolLM2-135M, fp32 on CPU / bf16 on CUDA), one query
 with G = 16 documents (B = 1, 16 sequences), document budget 128 and query budget 32 tokens,
 ``lambda_gen = lambda_dp = 1``, gradient checkpointing ON, a separate frozen reference model.
 
@@ -10,7 +10,7 @@ Variants (each in a fresh subprocess so memory peaks do not mix):
 - ``baseline``: the released code's way -- full ``[B*G, L, V]`` logits of policy and reference, log-softmax,
   scores from the gathered query tokens, L_gen over the positive's full logits, full-vocabulary KL at every
   position (padding masked so the numbers are comparable);
-- ``all``: :class:`tsarank.trainer.RankingTrainer` with ``dp_span = all`` (the same objective; loss must equal
+- ``all``: :class:`tsarank.training.sft_trainer.RankingTrainer` with ``dp_span = all`` (the same objective; loss must equal
   the baseline within 1e-4);
 - ``default``: tsarank defaults (``dp_span = query``, ``gen_span = all``).
 
@@ -171,7 +171,8 @@ def setup(device: str):
     from transformers import AutoTokenizer, TrainingArguments
 
     from tsarank.reference import SeparateReference
-    from tsarank.trainer import RankingLossConfig, RankingTrainer
+    from tsarank.training.sft_loss import RankingLossConfig
+    from tsarank.training.sft_trainer import RankingTrainer
 
     torch.manual_seed(0)
     path, policy, ref = load_models(device)
@@ -231,8 +232,10 @@ def run_timing(device: str, repeats: int, top_layers: int) -> dict:
     import torch
 
     from tsarank.layers import find_decoder_layers, freeze_all_but_top
-    from tsarank.modeling import body_and_head, run_body, target_rows
+    from tsarank.modeling import body_and_head
+    from tsarank.packing import padded_inputs
     from tsarank.reference import SeparateReference, SharedPrefixReference
+    from tsarank.row_head import target_rows
 
     env = setup(device)
     times = {v: [] for v in VARIANTS}
@@ -254,18 +257,19 @@ def run_timing(device: str, repeats: int, top_layers: int) -> dict:
     shared = SharedPrefixReference(policy, top_layers)
     separate = SeparateReference(env["ref"])
     ids, am = batch["input_ids"], batch["attention_mask"]
+    inputs = padded_inputs(ids, am)
     rows = target_rows(batch["query_mask"])
     body, _ = body_and_head(policy)
     ref_times = {"separate": [], "shared_prefix": []}
     for _ in range(max(repeats, 2)):
         t0 = time.perf_counter()
-        separate.hidden_at(ids, am, rows)
+        separate.hidden_at(inputs, *rows)
         ref_times["separate"].append(time.perf_counter() - t0)
         shared.prepare(policy)
         with torch.no_grad():
-            run_body(body, ids, am)  # the policy's own forward, which fills the prefix capture
+            body(input_ids=ids, attention_mask=am, use_cache=False)  # the policy's forward fills the prefix capture
         t0 = time.perf_counter()
-        shared.hidden_at(ids, am, rows)
+        shared.hidden_at(inputs, *rows)
         ref_times["shared_prefix"].append(time.perf_counter() - t0)
     shared.remove()
     return {

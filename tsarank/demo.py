@@ -10,7 +10,7 @@ Phases (each resumable; ``--resume`` skips the finished ones):
 5. ``evaluate``    BM25, the zero-shot default model, ``M_cpt`` and ``M_sft`` on DL19, SciFact test, NFCorpus test;
 6. ``report``      ``report.md``, ``report.json``, ``report.png``.
 
-The training stages run as subprocesses of their own entry points (``cpt/train.py``, ``sft/train.py``), exactly
+The training stages run as subprocesses of their own entry points (``tsarank train cpt|sft``), exactly
 as a user would launch them, so the demo exercises the real code paths and its memory is returned between
 phases.
 """
@@ -18,18 +18,16 @@ phases.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .hub import atomic_write_text
+from .atomic import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("dl19", "scifact", "nfcorpus")
@@ -193,7 +191,7 @@ class Demo:
         out = self.p("cpt")
         pr = self.preset
         cmd = [
-            self.py, str(REPO_ROOT / "cpt" / "train.py"), "--config", str(REPO_ROOT / "cpt" / "configs" / "smollm2_quick.yaml"),
+            *self.tsarank_cmd("train", "cpt"), "--config", str(REPO_ROOT / "cpt" / "configs" / "smollm2_quick.yaml"),
             "--model_name_or_path", "default", "--train_file", wp["train_file"], "--validation_file", wp["validation_file"],
             "--output_dir", str(out), "--max_steps", str(pr.cpt_steps), "--per_device_train_batch_size", str(pr.cpt_batch),
             "--learning_rate", str(pr.learning_rate_cpt), "--max_doc_tokens", str(pr.max_doc_tokens),
@@ -222,7 +220,7 @@ class Demo:
         out = self.p("sft")
         pr = self.preset
         cmd = [
-            self.py, str(REPO_ROOT / "sft" / "train.py"), "--config", str(REPO_ROOT / "sft" / "configs" / "smollm2_quick.yaml"),
+            *self.tsarank_cmd("train", "sft"), "--config", str(REPO_ROOT / "sft" / "configs" / "smollm2_quick.yaml"),
             "--model_name_or_path", cpt, "--train_file", ",".join(groups), "--output_dir", str(out),
             "--max_steps", str(pr.sft_steps), "--per_device_train_batch_size", str(pr.sft_batch),
             "--train_group_size", str(pr.sft_group_size), "--learning_rate", str(pr.learning_rate_sft),

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .hub import atomic_write_text
+from .atomic import atomic_path, atomic_write_text
 
 DATASET_NAMES = {"dl19": "TREC DL19", "scifact": "SciFact test", "nfcorpus": "NFCorpus test"}
 SYSTEM_NAMES = {"bm25": "BM25", "zero_shot": "zero-shot", "cpt": "M_cpt", "sft": "M_sft"}
@@ -85,11 +84,9 @@ def plot_report(path: Path, results: dict[str, Any], histories: dict[str, list[d
         if keys:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str], preset: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import ir_measures
 
-from tsarank.data.formats import atomic_path
+from tsarank.atomic import atomic_path
 
 __all__ = ["DEFAULT_MEASURES", "parse_measures", "evaluate", "per_query", "compare", "plot_deltas"]
 

@@ -16,17 +16,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .backend import resolve_device, resolve_dtype
+from .distributed import world
 from .hub import CONFIG_NAME, load_tsarank_config
-from .modeling import (
-    HEAD_WEIGHTS,
-    LastTokenHead,
-    last_token_scores,
-    load_causal_lm,
-    query_likelihood_scores,
-    resolve_device,
-    resolve_dtype,
-)
+from .modeling import HEAD_WEIGHTS, LastTokenHead, last_token_scores, load_causal_lm, query_likelihood_scores
 from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, encode_pairs
+from .wrappers import is_zero3_param
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +103,10 @@ class Ranker:
             raise ValueError("a last_token template needs its LastTokenHead")
         self.head = head.to(self.device).eval() if head is not None else None
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS.get(self.device.type, 8192)
+        # Scoring a model that is being trained under ZeRO-3 (ranking evaluation): DeepSpeed gathers and caches the
+        # full parameters itself, and tensors it made under inference_mode could not take part in the next training
+        # step's backward. no_grad there; inference_mode (a little faster) everywhere else.
+        self._no_grad_only = any(is_zero3_param(p) for p in model.parameters())
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -129,8 +128,8 @@ class Ranker:
     ) -> "Ranker":
         """Load a full checkpoint, a merged one, a LoRA adapter directory, or a Hub id.
 
-        ``tsarank_config.json`` (template, scoring head, budgets) is read when present; otherwise the DESIGN
-        defaults apply. Hub ids go through the HF cache and honour ``HF_HUB_OFFLINE``.
+        ``tsarank_config.json`` (template, scoring head, budgets) is read when present; otherwise the default
+        :class:`~tsarank.prompts.PromptTemplate` applies. Hub ids go through the HF cache and honour ``HF_HUB_OFFLINE``.
         """
         from transformers import AutoTokenizer
 
@@ -189,13 +188,15 @@ class Ranker:
         """
         scores = [0.0] * len(encoded)
         pending = plan_batches([len(e.input_ids) for e in encoded], self.max_tokens, batch_size)
-        with torch.inference_mode():
+        with torch.no_grad() if self._no_grad_only else torch.inference_mode():
             while pending:
                 idx = pending.pop(0)
                 try:
                     out = self._forward(collate_pairs([encoded[i] for i in idx], self.pad_id, self.device))
                 except RuntimeError as err:
-                    if self.device.type != "cuda" or not _is_oom(err) or len(idx) == 1:
+                    # Inside a distributed run (ranking evaluation under ZeRO-3) every process must run the same
+                    # batches, so a local retry with other batch sizes is not an option there.
+                    if self.device.type != "cuda" or not _is_oom(err) or len(idx) == 1 or world()[1] > 1:
                         raise
                     torch.cuda.empty_cache()
                     half = len(idx) // 2

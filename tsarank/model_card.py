@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .hub import atomic_write_text, load_tsarank_config
+from .atomic import atomic_write_text
+from .hub import load_tsarank_config
 from .prompts import LAST_TOKEN, PromptTemplate
 
 __all__ = ["write_model_card", "render_model_card", "CARD_NAME", "DEFAULT_MODEL_HUB_ID"]
@@ -265,7 +266,7 @@ def write_model_card(
             the evaluation section.
         hub_model_id: The Hub repository (used as the title and in the usage snippet).
         template: The prompt template; default: read from the directory's ``tsarank_config.json``, else the
-            DESIGN default.
+            default template (:class:`~tsarank.prompts.PromptTemplate`).
         hyperparameters: Optional training settings (learning rate, steps, batch size...) shown in a table.
         license: Licence identifier for the front matter; default ``apache-2.0`` for the embedded default
             model, ``other`` otherwise.

@@ -1,174 +1,228 @@
-"""Model loading and the scoring heads, computed without ever materialising ``[batch, seq, vocab]`` logits.
+"""The language-model core: loading, the one forward, and the scoring heads.
 
-The transformer body runs once; hidden states are gathered at the positions that predict a scored token and
-``lm_head`` is applied to those rows only. A query is ~10-32 of ~150-512 tokens and the vocabulary 49k-256k
-entries, so this removes almost all of the head's time and memory.
+Everything that runs a causal LM in tsarank (``Ranker`` scoring, stage-1 CPT, stage-2 SFT, the frozen
+references, shared-trunk evaluation) goes through these functions:
+
+- :func:`load_causal_lm` loads with the device, dtype and attention rules of :mod:`tsarank.backend`;
+- :func:`model_inputs` decides padded or packed rows (:mod:`tsarank.packing`);
+- :func:`forward_hidden` runs the model once and returns its final hidden states (never ``[B, L, V]`` logits);
+- :func:`tsarank.row_head.row_logprobs` turns the rows that predict a scored token into log-probabilities.
+
+``query_likelihood_scores`` and ``last_token_scores`` are the two scoring heads built on them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
+from .backend import resolve_attn_implementation, resolve_device, resolve_dtype
+from .packing import ModelInputs, can_pack, pack_sequences, padded_inputs
+from .row_head import LogitTransform, row_logprobs, segment_mean, target_rows
+from .wrappers import unwrap_model
+
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HEAD_WEIGHTS",
+    "load_causal_lm",
+    "body_and_head",
+    "logit_transform",
+    "supports_packing",
+    "model_inputs",
+    "forward_hidden",
+    "keep_anchor",
+    "query_likelihood_scores",
+    "LastTokenHead",
+    "last_token_scores",
+]
 
 HEAD_WEIGHTS = "tsarank_head.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU; anything else goes through ``torch.device``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_attn_implementation(requested: str | None, device: torch.device | str | None) -> str:
-    """Pick the attention backend.
-
-    ``"auto"`` gives FlashAttention-2 when ``flash_attn`` is importable and the model runs on CUDA, else SDPA.
-    Asking for ``"flash_attention_2"`` explicitly without it is an error rather than a silent fallback.
-    """
-    requested = requested or "auto"
-    on_cuda = resolve_device(device).type == "cuda"
-    if requested == "auto":
-        return "flash_attention_2" if on_cuda and flash_attn_available() else "sdpa"
-    if requested == "flash_attention_2":
-        if not flash_attn_available():
-            raise ValueError(
-                "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed. "
-                "Fix: pip install 'tsarank[gpu]' on a CUDA machine, or use attn_implementation='auto' (SDPA)."
-            )
-        if not on_cuda:
-            raise ValueError("attn_implementation='flash_attention_2' needs a CUDA device; use 'auto' or 'sdpa' on CPU")
-    return requested
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None) -> torch.dtype:
-    """``None``/``"auto"``: bf16 on a CUDA device that supports it, fp32 otherwise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        on_cuda = resolve_device(device).type == "cuda"
-        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {dtype!r}")
-    return names[dtype]
-
-
 def load_causal_lm(
     name_or_path: str,
     *,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = "auto",
     device: torch.device | str | None = None,
+    compute_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load any ``AutoModelForCausalLM`` with tsarank's dtype and attention-backend rules."""
+    """Load any ``AutoModelForCausalLM`` with tsarank's dtype and attention-backend rules.
+
+    Args:
+        name_or_path: Local checkpoint or Hub id.
+        dtype: Weights' dtype (``"auto"``: :func:`tsarank.backend.resolve_dtype`).
+        attn_implementation: ``"auto"`` or an explicit backend (:func:`tsarank.backend.resolve_attn_implementation`).
+        device: Where to put the model (``None``: leave it where ``from_pretrained`` put it, the CPU; the attention
+            choice then assumes CUDA when available, as the Trainer will move it there).
+        compute_dtype: The dtype attention computes in when it differs from the weights' (fp32 weights under bf16
+            autocast); default the weights' dtype.
+        **kwargs: Passed to ``from_pretrained``.
+    """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype, device)
-    attn = resolve_attn_implementation(attn_implementation, device)
+    attn = resolve_attn_implementation(attn_implementation, device, compute_dtype or torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
     if device is not None:
-        model.to(device)
+        model.to(resolve_device(device))
     return model
 
 
 # ------------------------------------------------------------------------------------------- structure
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying ``*ForCausalLM`` of a peft / DDP / DeepSpeed wrapper."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeedEngine
-            model = model.module
-        elif type(model).__name__.startswith("Peft") and hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split a causal LM into its transformer body (returns hidden states) and its output projection.
 
-    Calling the submodules directly keeps peft adapters and ZeRO-3 parameter hooks working: both act at the
-    module level.
+    The submodules themselves are returned, so peft adapters and ZeRO-3 parameter hooks (module-level) keep
+    working when they are called.
     """
     lm = unwrap_model(model)
     head = lm.get_output_embeddings()
-    body = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix, None)
     if head is None or body is None:
         raise TypeError(f"{type(lm).__name__} has no output embeddings / decoder; is it a causal LM?")
     return body, head
 
 
-def run_body(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
-    """Hidden states of the last layer, ``[B, L, H]``."""
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The architecture's logit scale / soft cap, applied by the row head as the model's own forward does."""
+    return LogitTransform.of(unwrap_model(model).config)
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """True when packed rows stay apart in this model: an attention implementation :mod:`tsarank.packing` handles,
+    and a model that builds its masks with ``transformers.masking_utils`` (so it takes a 4D block mask as is and
+    passes varlen arguments to FlashAttention): Llama, Qwen2, Mistral, Gemma, ... in transformers v5."""
+    lm = unwrap_model(model)
+    body, _ = body_and_head(lm)
+    mods = {sys.modules.get(type(m).__module__) for m in (lm, body)}
+    uses_masking_utils = any(m is not None and hasattr(m, "create_causal_mask") for m in mods)
+    return uses_masking_utils and can_pack(getattr(lm.config, "_attn_implementation", None))
+
+
+def model_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    pack: bool,
+    pad_id: int,
+    capacity: int | None = None,
+) -> ModelInputs:
+    """The rows to run for a right-padded batch: packed when ``pack`` and it saves rows, else padded.
+
+    Raises:
+        ValueError: ``pack`` for a model whose attention cannot keep packed sequences apart.
+    """
+    if not pack or bool(attention_mask.all()):
+        return padded_inputs(input_ids, attention_mask)
+    if not supports_packing(model):
+        attn = getattr(unwrap_model(model).config, "_attn_implementation", None)
+        raise ValueError(
+            f"packing is not supported for {type(unwrap_model(model)).__name__} with attn_implementation={attn!r}. "
+            "Fix: turn packing off, or load the model with attn_implementation 'sdpa' (or 'flash_attention_2')."
+        )
+    lm = unwrap_model(model)
+    packed = pack_sequences(
+        input_ids, attention_mask, pad_id=pad_id, attn_implementation=lm.config._attn_implementation,
+        capacity=capacity, mask_dtype=lm.get_input_embeddings().weight.dtype,
+    )
+    if packed.input_ids.shape[0] >= input_ids.shape[0] and packed.attention_mask is not None:
+        return padded_inputs(input_ids, attention_mask)  # nothing saved: keep the plain padded forward
+    return packed
+
+
+# ------------------------------------------------------------------------------------------ the forward
+def forward_hidden(model: nn.Module, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states ``[P, C, H]`` (after the final norm) of one forward through the model's top-level call.
+
+    Going through the outermost module (DDP, DeepSpeed engine, peft wrapper) keeps every wrapper's logic: DDP's
+    reducer preparation, DeepSpeed's start/end-of-forward hooks and its backward prologue (hooked on the
+    engine's output), peft's routing. A forward hook on the decoder body captures its output, and
+    ``logits_to_keep=1`` limits the model's own head to one row per sequence (an architecture whose forward
+    predates ``logits_to_keep`` computes its full logits once, with a warning, and they are dropped).
+
+    Args:
+        model: The model as the Trainer passes it (engine, DDP, peft or plain ``*ForCausalLM``).
+        inputs: Padded or packed rows (:func:`model_inputs`).
+
+    Returns:
+        ``(hidden, anchor)``: ``anchor`` is the wrapper's output logits; a caller under DeepSpeed keeps it in its
+        loss with weight 0, so the engine's backward hooks fire.
+    """
+    body, _ = body_and_head(model)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state)
+
+    handle = body.register_forward_hook(hook)
+    kwargs = dict(inputs.model_kwargs(), use_cache=False)
+    lm = unwrap_model(model)
+    try:
+        if getattr(lm, "_tsarank_no_logits_to_keep", False):
+            out = model(**kwargs)
+        else:
+            try:
+                out = model(**kwargs, logits_to_keep=1)
+            except TypeError as e:  # an architecture whose forward predates logits_to_keep
+                if "logits_to_keep" not in str(e) or captured:
+                    raise
+                logger.warning("%s.forward has no logits_to_keep; its full logits are computed and dropped",
+                               type(lm).__name__)
+                lm._tsarank_no_logits_to_keep = True
+                out = model(**kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected the decoder body to run once per forward, it ran {len(captured)} times")
+    anchor = out["logits"] if isinstance(out, dict) else (out.logits if hasattr(out, "logits") else out[0])
+    return captured[0], anchor
+
+
+def keep_anchor(loss: torch.Tensor, anchor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``loss`` plus ``0 * anchor`` under a DeepSpeed engine (value and gradients unchanged).
+
+    DeepSpeed runs its backward prologue from hooks on the engine's forward output; a loss computed from the
+    captured hidden states alone would bypass them. Elsewhere this would only cost a zero ``[V, H]`` gradient, so
+    ``loss`` is returned as is.
+    """
+    from .wrappers import is_deepspeed_engine
+
+    if anchor.requires_grad and is_deepspeed_engine(model):
+        return loss + 0.0 * anchor.float().sum()
+    return loss
 
 
 # -------------------------------------------------------------------------------------------- scoring
-def target_rows(target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions whose hidden state predicts a target token.
-
-    Args:
-        target_mask: ``[B, L]`` bool, True at tokens to be scored (never at position 0).
-
-    Returns:
-        ``(batch_idx, pred_pos)``, each ``[N]``: token ``(b, t)`` is predicted by the hidden state at ``(b, t-1)``.
-    """
-    b, t = target_mask.nonzero(as_tuple=True)
-    if (t == 0).any():
-        raise ValueError("a target token at position 0 has no prefix to be predicted from")
-    return b, t - 1
-
-
-def token_logprobs(
-    hidden: torch.Tensor, head: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every target token, from the gathered rows only.
-
-    Args:
-        hidden: ``[B, L, H]`` last hidden states.
-        head: The LM head (``[H] -> [V]``).
-        input_ids: ``[B, L]``.
-        target_mask: ``[B, L]`` bool.
-
-    Returns:
-        ``(logprobs [N], batch_idx [N])`` in row-major order of ``target_mask``; computed in fp32.
-    """
-    b, pos = target_rows(target_mask)
-    logits = head(hidden[b, pos]).float()  # [N, V]
-    targets = input_ids[b, pos + 1]
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return lp, b
-
-
-def segment_mean(values: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of ``values [N]`` per segment id in ``[0, n)``; empty segments give 0."""
-    total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, segment, values)
-    count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, segment, torch.ones_like(values))
-    return total / count.clamp(min=1)
-
-
 def query_likelihood_scores(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Full-query score ``s = (1/|q|) sum_t log p(q_t | source, q_<t)`` per row, ``[B]`` fp32."""
-    body, head = body_and_head(model)
-    hidden = run_body(body, input_ids, attention_mask)
-    lp, b = token_logprobs(hidden, head, input_ids, target_mask)
-    return segment_mean(lp, b, input_ids.shape[0])
+    """Full-query score ``s = (1/|q|) sum_t log p(q_t | source, q_<t)`` per row of a right-padded batch.
+
+    Args:
+        model: A causal LM.
+        input_ids: ``[B, L]``.
+        attention_mask: ``[B, L]``.
+        target_mask: ``[B, L]`` bool, the query tokens.
+
+    Returns:
+        ``[B]`` fp32.
+    """
+    inputs = padded_inputs(input_ids, attention_mask)
+    hidden, _ = forward_hidden(model, inputs)
+    seq, pos = target_rows(target_mask)
+    _, head = body_and_head(model)
+    lp, _ = row_logprobs(head, inputs.gather(hidden, seq, pos), input_ids[seq, pos + 1],
+                         transform=logit_transform(model))
+    return segment_mean(lp, seq, input_ids.shape[0])
 
 
 class LastTokenHead(nn.Module):
@@ -178,15 +232,18 @@ class LastTokenHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
 
-    def forward(self, hidden: torch.Tensor, last_pos: torch.Tensor) -> torch.Tensor:
-        """``hidden [B, L, H]``, ``last_pos [B]`` -> scores ``[B]`` fp32."""
-        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_pos]
-        return self.linear(rows.to(self.linear.weight.dtype)).squeeze(-1).float()
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows [B, H]`` (the last tokens' hidden states) -> scores ``[B]`` fp32, computed in fp32."""
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            w = self.linear.weight.float()
+            b = self.linear.bias.float() if self.linear.bias is not None else None
+            return nn.functional.linear(rows.float(), w, b).squeeze(-1)
 
     def save(self, directory: str) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, f"{directory}/{HEAD_WEIGHTS}")
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()},
+                  f"{directory}/{HEAD_WEIGHTS}")
 
     @classmethod
     def load(cls, directory: str, hidden_size: int) -> "LastTokenHead":
@@ -201,7 +258,7 @@ def last_token_scores(
     model: nn.Module, head: LastTokenHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Scores ``[B]`` from the hidden state at each row's last real token (right padding)."""
-    body, _ = body_and_head(model)
-    hidden = run_body(body, input_ids, attention_mask)
-    last = attention_mask.sum(dim=1) - 1
-    return head(hidden, last)
+    inputs = padded_inputs(input_ids, attention_mask)
+    hidden, _ = forward_hidden(model, inputs)
+    seq = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return head(inputs.gather(hidden, seq, attention_mask.sum(dim=1) - 1))

@@ -16,14 +16,18 @@ Three kinds, all computing the LM head on the requested rows only and never hold
 A reference is a plain Python object, never a submodule of the policy, so it is never part of a saved
 checkpoint or of the optimizer.
 
-Protocol (all under ``torch.no_grad()``; ``rows = (batch_idx [N], pos [N])`` as from
-:func:`tsarank.modeling.target_rows`):
+Protocol (all under ``torch.no_grad()``; rows are sequence coordinates ``(seq [N], pos [N])`` as from
+:func:`tsarank.row_head.target_rows`, and ``inputs`` the :class:`tsarank.packing.ModelInputs` the policy ran):
 
 - ``prepare(policy)``: called right before the policy forward of a step (arms the shared-prefix capture);
-- ``hidden_at(input_ids, attention_mask, rows, position_ids=None) -> [N, H]``: reference final hidden states at
-  those rows (packed batches pass ``attention_mask=None`` and per-sequence ``position_ids``);
-- ``head_logits(hidden) -> [N, V]``: the reference LM head on rows (called per chunk by the trainer);
-- ``logits_at(input_ids, attention_mask, rows, position_ids=None) -> [N, V]`` = ``head_logits(hidden_at(...))``.
+- ``hidden_at(inputs, seq, pos) -> [N, H]``: reference final hidden states at those rows;
+- ``head_weights()``: a context yielding the reference head's ``(weight, bias)`` as full tensors (gathered under
+  ZeRO-3, a collective), or ``None`` when it is the policy's own head; :func:`tsarank.row_head.row_logprobs`
+  enters it once in its forward and once in its backward;
+- ``logits_at(inputs, seq, pos) -> [N, V]``: reference logits at those rows (tests, diagnostics).
+
+Every process calls ``hidden_at`` once per step (with or without rows): under ZeRO-3 each reference forward
+gathers the sharded weights collectively.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from tsarank.layers import final_norm, find_decoder_layers
-from tsarank.modeling import body_and_head, load_causal_lm, run_body, unwrap_model
+from .layers import final_norm, find_decoder_layers
+from .modeling import body_and_head, forward_hidden, load_causal_lm, logit_transform
+from .packing import ModelInputs
+from .row_head import RefWeights, is_plain_linear
+from .wrappers import gathered, is_deepspeed_engine, is_peft_model, unwrap_model, unwrap_parallel, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -48,58 +55,11 @@ __all__ = [
     "SharedPrefixReference",
     "build_reference",
     "deepspeed_reference_config",
-    "is_peft_model",
-    "forward_hidden",
+    "block_inputs",
     "REFERENCE_KINDS",
 ]
 
 REFERENCE_KINDS = ("auto", "adapter_off", "separate", "shared_prefix")
-
-Rows = tuple[torch.Tensor, torch.Tensor]
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a peft ``PeftModel`` (possibly inside DDP / DeepSpeed)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return type(model).__name__.startswith("Peft") and hasattr(model, "disable_adapter")
-
-
-def _pos_kw(position_ids: torch.Tensor | None) -> dict[str, Any]:
-    return {} if position_ids is None else {"position_ids": position_ids}
-
-
-def forward_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Any]:
-    """Final hidden states ``[B, L, H]`` from a forward through the model's *top-level* call.
-
-    Going through the outermost module (DDP, DeepSpeed engine, peft wrapper) keeps their forward logic: DDP's
-    reducer preparation, DeepSpeed's start/end-of-forward hooks and backward prologue. A forward hook on the
-    body captures its output; ``logits_to_keep=1`` keeps the model's own head to one row per sequence.
-
-    Returns:
-        ``(hidden, logits)``; ``logits`` (``[B, 1, V]``) is the wrapper's output, to be kept in the loss graph
-        (with weight 0) where a wrapper relies on hooks on its outputs.
-    """
-    body, _ = body_and_head(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        captured["hidden"] = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-
-    kw: dict[str, Any] = {} if position_ids is None else {"position_ids": position_ids}
-    handle = body.register_forward_hook(hook)
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **kw)
-    finally:
-        handle.remove()
-    if "hidden" not in captured:
-        raise RuntimeError(f"the forward of {type(model).__name__} did not run its decoder body")
-    logits = out["logits"] if isinstance(out, dict) else out[0]
-    return captured["hidden"], logits
-
 
 def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
@@ -128,22 +88,30 @@ class Reference:
     def prepare(self, policy: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called before each policy forward; only the shared-prefix reference needs it."""
 
-    def hidden_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: Rows,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_at(self, inputs: ModelInputs, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Reference final hidden states ``[N, H]`` at sequence rows ``(seq, pos)`` of ``inputs``."""
         raise NotImplementedError
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _head_module(self) -> nn.Module:
+        """The linear layer whose weights are the reference head."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def head_weights(self) -> Iterator[RefWeights | None]:
+        """``(weight, bias)`` of the reference head for the block (gathered under ZeRO-3)."""
+        head = self._head_module()
+        with gathered([head.weight, head.bias]):
+            yield head.weight, head.bias
 
     @torch.no_grad()
-    def logits_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: Rows,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Reference logits ``[N, V]`` at ``rows`` (the rows' hidden states through the reference head)."""
-        return self.head_logits(self.hidden_at(input_ids, attention_mask, rows, position_ids))
+    def logits_at(self, inputs: ModelInputs, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Reference logits ``[N, V]`` (fp32) at sequence rows ``(seq, pos)``: diagnostics and tests."""
+        hidden = self.hidden_at(inputs, seq, pos)
+        head = self._head_module()
+        with gathered([head.weight, head.bias]):
+            z = nn.functional.linear(hidden.float(), head.weight.float(),
+                                     head.bias.float() if head.bias is not None else None)
+        return self._transform.apply(z)[0]
 
     def cost_fraction(self) -> float:
         """Reference forward cost relative to a full forward of the policy body (1.0 = a full forward)."""
@@ -167,31 +135,30 @@ class AdapterOffReference(Reference):
                 "use a separate reference (ref_model_name_or_path) for full fine-tuning"
             )
         self.peft_model = peft_model
+        self._transform = logit_transform(peft_model)
 
     def _peft(self) -> nn.Module:
-        m = self.peft_model
-        while hasattr(m, "module") and isinstance(m.module, nn.Module):
-            m = m.module
-        return m
+        return unwrap_parallel(self.peft_model)
 
     @torch.no_grad()
-    def hidden_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: Rows,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_at(self, inputs: ModelInputs, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         peft = self._peft()
-        body, _ = body_and_head(peft)
         with peft.disable_adapter(), _eval_mode(peft):
-            hidden, _ = forward_hidden(peft, input_ids, attention_mask, position_ids)
-        b, pos = rows
-        return hidden[b, pos]
+            hidden, _ = forward_hidden(peft, inputs)
+        return inputs.gather(hidden, seq, pos)
 
-    @torch.no_grad()
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        peft = self._peft()
-        _, head = body_and_head(peft)
-        with peft.disable_adapter():  # in case lm_head itself carries an adapter
-            return head(hidden)
+    def _head_module(self) -> nn.Module:
+        _, head = body_and_head(self._peft())
+        return getattr(head, "base_layer", head)  # an adapter on lm_head itself: its frozen base layer
+
+    @contextlib.contextmanager
+    def head_weights(self) -> Iterator[RefWeights | None]:
+        _, head = body_and_head(self._peft())
+        if is_plain_linear(head):
+            yield None  # no adapter on the head: the reference head is the policy's own
+            return
+        with super().head_weights() as weights:
+            yield weights
 
 
 # ------------------------------------------------------------------------------------------- separate
@@ -208,7 +175,8 @@ class SeparateReference(Reference):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.is_deepspeed = type(model).__name__ == "DeepSpeedEngine"
+        self.is_deepspeed = is_deepspeed_engine(model)
+        self._transform = logit_transform(model)
         _freeze(model)
 
     @classmethod
@@ -227,7 +195,7 @@ class SeparateReference(Reference):
         replica per process, as TRL's ``prepare_deepspeed`` does (stage 0).
         """
         device = training_args.device if training_args is not None else None  # also initialises distributed
-        stage3 = _zero3_enabled(training_args)
+        stage3 = zero3_enabled(training_args)
         model = load_causal_lm(path, dtype=dtype, attn_implementation=attn_implementation)
         _freeze(model)
         if stage3:
@@ -249,26 +217,13 @@ class SeparateReference(Reference):
             self.model.to(device)
 
     @torch.no_grad()
-    def hidden_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: Rows,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self._ensure_device(input_ids.device)
-        hidden, _ = forward_hidden(self.model, input_ids, attention_mask, position_ids)
-        b, pos = rows
-        return hidden[b, pos]
+    def hidden_at(self, inputs: ModelInputs, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self._ensure_device(inputs.input_ids.device)
+        hidden, _ = forward_hidden(self.model, inputs)
+        return inputs.gather(hidden, seq, pos)
 
-    @torch.no_grad()
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        _, head = body_and_head(self.model)
-        return head(hidden)
-
-
-def _zero3_enabled(training_args: Any) -> bool:
-    if training_args is None or not getattr(training_args, "deepspeed", None):
-        return False
-    hf_ds = getattr(training_args, "hf_deepspeed_config", None)
-    return bool(hf_ds is not None and hf_ds.is_zero3())
+    def _head_module(self) -> nn.Module:
+        return body_and_head(self.model)[1]
 
 
 def _drop_auto(obj: Any) -> Any:
@@ -312,10 +267,7 @@ class _StopForward(Exception):
     """Raised by the capture hook to skip the policy's top blocks when only the prefix is needed."""
 
 
-def block_inputs(
-    model: nn.Module, block: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None = None,
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def block_inputs(model: nn.Module, block: nn.Module, inputs: ModelInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The positional and keyword inputs ``block`` receives for these inputs, running the body only up to it.
 
     The body's own forward computes them (hidden states, the prepared mask, rotary position embeddings), so this
@@ -330,7 +282,7 @@ def block_inputs(
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        run_body(body, input_ids, attention_mask, **_pos_kw(position_ids))
+        body(**inputs.model_kwargs(), use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -384,6 +336,7 @@ class SharedPrefixReference(Reference):
                 "freeze_all_but_top(model, train_top_layers) before build_reference"
             )
         self._policy = lm
+        self._transform = logit_transform(lm)
         self._first_top = top[0]
         self.blocks = nn.ModuleList([_freeze(copy.deepcopy(b)) for b in top])
         for b in self.blocks.modules():
@@ -425,25 +378,20 @@ class SharedPrefixReference(Reference):
             if not self.head_shared:
                 self.head.to(device=device, dtype=dtype)
 
-    def _prefix(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _prefix(self, inputs: ModelInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         cap = self._captured
-        if cap is not None and cap[0][0].shape[:2] == input_ids.shape:
+        if cap is not None and cap[0][0].shape[:2] == inputs.input_ids.shape:
             return cap
         # No capture from a policy forward over these inputs: run the policy's (frozen) bottom blocks only.
         with _eval_mode(self._policy):
-            return block_inputs(self._policy, self._first_top, input_ids, attention_mask, position_ids)
+            return block_inputs(self._policy, self._first_top, inputs)
 
     @torch.no_grad()
-    def hidden_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: Rows,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_at(self, inputs: ModelInputs, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.head_shared and any(p.requires_grad for p in self.head.parameters()):
             raise RuntimeError("the LM head became trainable after the shared-prefix reference was built; "
                                "build the reference after freezing the model")
-        args, kwargs = self._prefix(input_ids, attention_mask, position_ids)
+        args, kwargs = self._prefix(inputs)
         self._captured = None  # release the policy's activations as soon as they are used
         hidden = args[0].detach()
         self._ensure_placement(hidden.device)
@@ -451,14 +399,20 @@ class SharedPrefixReference(Reference):
         for block in self.blocks:
             out = block(hidden, *rest, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-        b, pos = rows
-        hidden = hidden[b, pos]
+        hidden = inputs.gather(hidden, seq, pos)
         # Norms act per position, so applying the final norm to the gathered rows is exact and cheaper.
         return self.norm(hidden) if self.norm is not None else hidden
 
-    @torch.no_grad()
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+    def _head_module(self) -> nn.Module:
+        return self.head
+
+    @contextlib.contextmanager
+    def head_weights(self) -> Iterator[RefWeights | None]:
+        if self.head_shared:
+            yield None  # the policy's frozen head is the reference head
+            return
+        with super().head_weights() as weights:
+            yield weights
 
 
 # ---------------------------------------------------------------------------------------------- factory
@@ -496,7 +450,7 @@ def build_reference(
     own_path = getattr(getattr(lm, "config", None), "name_or_path", None) or getattr(
         getattr(lm, "config", None), "_name_or_path", None) or None
     same_weights = ref_path is None or (own_path is not None and str(ref_path) == str(own_path))
-    zero3 = _zero3_enabled(training_args)
+    zero3 = zero3_enabled(training_args)
     if kind == "auto":
         if is_peft_model(policy):
             kind = "adapter_off"

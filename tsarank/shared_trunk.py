@@ -22,8 +22,10 @@ from torch import nn
 
 from .inference import Ranker, collate_pairs, plan_batches
 from .layers import final_norm, find_decoder_layers
-from .modeling import body_and_head, query_likelihood_scores, segment_mean, token_logprobs
+from .modeling import body_and_head, logit_transform, query_likelihood_scores
+from .packing import padded_inputs
 from .reference import block_inputs
+from .row_head import row_logprobs, segment_mean, target_rows
 
 __all__ = ["shared_prefix_blocks", "score_pairs_shared"]
 
@@ -72,12 +74,11 @@ class _Top:
     norm and LM head."""
 
     def __init__(self, model: nn.Module, k: int) -> None:
-        body, head = body_and_head(model)
+        body, self.head = body_and_head(model)
         blocks = find_decoder_layers(model)
         self.blocks = list(blocks)[k:]
-        norm = final_norm(body, blocks)
-        # Norms act per position: normalising the gathered query rows only is exact and cheaper.
-        self.row_head = nn.Sequential(norm, head) if norm is not None else head
+        self.norm = final_norm(body, blocks)
+        self.transform = logit_transform(model)
 
     def scores(self, trunk: tuple[tuple[Any, ...], dict[str, Any]], batch: Any) -> torch.Tensor:
         """``[B]`` mean log p of the query tokens, from the inputs of block ``k``."""
@@ -86,8 +87,12 @@ class _Top:
         for block in self.blocks:
             out = block(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-        lp, b = token_logprobs(hidden, self.row_head, batch.input_ids, batch.target_mask)
-        return segment_mean(lp, b, batch.input_ids.shape[0])
+        seq, pos = target_rows(batch.target_mask)
+        rows = hidden[seq, pos]
+        # Norms act per position: normalising the gathered query rows only is exact and cheaper.
+        rows = self.norm(rows) if self.norm is not None else rows
+        lp, _ = row_logprobs(self.head, rows, batch.input_ids[seq, pos + 1], transform=self.transform)
+        return segment_mean(lp, seq, batch.input_ids.shape[0])
 
 
 def _check_compatible(rankers: Sequence[Ranker]) -> None:
@@ -139,7 +144,7 @@ def score_pairs_shared(
         for idx in plan_batches([len(e.input_ids) for e in encoded], r0.max_tokens, batch_size):
             batch = collate_pairs([encoded[i] for i in idx], r0.pad_id, r0.device)
             if k:
-                trunk = block_inputs(models[0], first_top, batch.input_ids, batch.attention_mask)
+                trunk = block_inputs(models[0], first_top, padded_inputs(batch.input_ids, batch.attention_mask))
                 outs = [top.scores(trunk, batch) for top in tops]
             else:
                 outs = [query_likelihood_scores(m, batch.input_ids, batch.attention_mask, batch.target_mask)

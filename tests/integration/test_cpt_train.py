@@ -175,11 +175,9 @@ def test_sigkill_and_resume_ends_with_the_same_weights(uninterrupted, tiny_setup
     # The interrupted run: a callback SIGKILLs the process in the middle of the run (after checkpoint-4).
     harness = tmp_path / "killed_run.py"
     harness.write_text(textwrap.dedent(f"""
-        import importlib.util, os, signal, sys
+        import os, signal, sys
         from transformers import TrainerCallback
-        spec = importlib.util.spec_from_file_location("cpt_train", {str(TRAIN)!r})
-        cpt_train = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cpt_train)
+        from tsarank.training import cpt as cpt_train  # the code behind cpt/train.py
         class Kill(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 if state.global_step == {KILL_AT_STEP}:

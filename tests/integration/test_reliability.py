@@ -13,7 +13,6 @@ run is interrupted at the same place. The in-process rows (awkward input, run-fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -62,12 +61,11 @@ def _run(cmd: list, tmp: Path, timeout: int = 600) -> subprocess.CompletedProces
 
 
 def _load_entry_point(path: Path, name: str):
-    """Import cpt/train.py or sft/train.py as a module (for the in-process checks that need no fresh process)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The library module behind cpt/train.py or sft/train.py (for the in-process checks that need no fresh
+    process)."""
+    import importlib
+
+    return importlib.import_module(f"tsarank.training.{path.parent.name}")
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -123,11 +121,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------- background runs
 SFT_KILL_HARNESS = textwrap.dedent("""
-    # Runs sft/train.py's main() with one extra callback that SIGKILLs this process at the end of step KILL_AT.
+    # Runs stage 2's main() with one extra callback that SIGKILLs this process at the end of step KILL_AT.
     # The Trainer saves after on_step_end, so the checkpoints due before step KILL_AT are on disk, later ones not.
-    import importlib.util, os, signal, sys
+    import os, signal, sys
     from transformers import TrainerCallback
-    import tsarank.training as training
+    import tsarank.training.callbacks as training
 
     KILL_AT = int(sys.argv[2])
 
@@ -138,11 +136,9 @@ SFT_KILL_HARNESS = textwrap.dedent("""
 
     _attach = training.attach_callbacks
     training.attach_callbacks = lambda trainer, callbacks=(): _attach(trainer, [*callbacks, Kill()])
-    spec = importlib.util.spec_from_file_location("sft_train", sys.argv[1])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    sys.exit(module.main(sys.argv[3:]))
+    from tsarank.training import sft  # the code behind sys.argv[1] (sft/train.py)
+
+    sys.exit(sft.main(sys.argv[3:]))
 """)
 
 RERANK_KILL_HARNESS = textwrap.dedent("""

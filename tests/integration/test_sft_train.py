@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,7 @@ TOPICS = [
 ]
 
 
-def _load_sft():
-    spec = importlib.util.spec_from_file_location("tsarank_sft_train", ROOT / "sft" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sft = _load_sft()
+from tsarank.training import sft  # noqa: E402  the code behind sft/train.py
 
 
 def _write_groups(path: Path, repeat: int = 1) -> Path:
@@ -177,12 +168,13 @@ def test_lora_adapter_off_reference_adapter_and_merged_load(tiny_dir, groups, tm
 # -------------------------------------------------------------------------------------------- last token
 def test_last_token_head_train_save_reload(tiny_dir, groups, tmp_path):
     from tsarank import Ranker
-    from tsarank.modeling import HEAD_WEIGHTS, unwrap_model
-    from tsarank.trainer import SCORE_HEAD_ATTR
+    from tsarank.modeling import HEAD_WEIGHTS
+    from tsarank.training.sft_trainer import SCORE_HEAD_ATTR
+    from tsarank.wrappers import unwrap_model
 
     out = tmp_path / "last"
     result = sft.train(_args(tiny_dir, groups, out, scoring_head="last_token", lambda_dp=1.0, dp_span="all",
-                             gen_span="all", learning_rate=5e-3))
+                             gen_span="all", learning_rate=5e-3, save_strategy="steps", save_steps=4))
     assert (out / HEAD_WEIGHTS).is_file()
     saved = _weights(out)
     assert not any(SCORE_HEAD_ATTR in k for k in saved)  # the head lives in its own file
@@ -199,6 +191,11 @@ def test_last_token_head_train_save_reload(tiny_dir, groups, tmp_path):
     for query, _ in TOPICS[:2]:
         docs = [t for _, t in TOPICS]
         assert reloaded.score(query, docs) == pytest.approx(in_memory.score(query, docs), abs=1e-5)
+    # The intermediate checkpoint (step 4 = the last step) loads the same way: sidecar, head and weights.
+    ckpt = Ranker.from_pretrained(str(out / "checkpoint-4"), device="cpu", dtype="float32")
+    assert ckpt.template == reloaded.template
+    docs = [t for _, t in TOPICS]
+    assert ckpt.score(TOPICS[0][0], docs) == pytest.approx(in_memory.score(TOPICS[0][0], docs), abs=1e-5)
 
 
 # --------------------------------------------------------------------------------- real model, real data
@@ -208,10 +205,7 @@ def test_default_model_from_cpt_checkpoint_on_msmarco_sample(shared_data, defaul
     from tsarank.data.formats import read_groups
     from tsarank.data.groups import doc_text
 
-    spec = importlib.util.spec_from_file_location("tsarank_cpt_train", ROOT / "cpt" / "train.py")
-    cpt = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = cpt
-    spec.loader.exec_module(cpt)
+    from tsarank.training import cpt
 
     m_cpt = tmp_path / "cpt"
     assert cpt.main([
@@ -243,7 +237,7 @@ def test_default_model_from_cpt_checkpoint_on_msmarco_sample(shared_data, defaul
     docs = [doc_text(p) for p in group["positive_passages"] + group["negative_passages"][:3]]
     reloaded = Ranker.from_pretrained(str(out), device="cpu", dtype="float32")
     assert reloaded.template.max_doc_tokens == 64
-    from tsarank.modeling import unwrap_model
+    from tsarank.wrappers import unwrap_model
 
     in_memory = Ranker(unwrap_model(result.trainer.model), result.trainer.processing_class, result.template)
     assert reloaded.score(group["query"], docs) == pytest.approx(in_memory.score(group["query"], docs), abs=1e-4)

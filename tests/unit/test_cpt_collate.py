@@ -1,5 +1,5 @@
-"""CPT data path: labels against hand-written expectations, packing against a brute-force per-pair computation,
-and the weak-pairs readers on malformed input."""
+"""CPT data path: labels against hand-written expectations, the packed CPT loss against a brute-force per-pair
+computation (every attention implementation the packer claims), and the weak-pairs readers on malformed input."""
 
 from __future__ import annotations
 
@@ -8,18 +8,11 @@ import json
 import pytest
 import torch
 
-from tsarank.cpt import causal_lm_loss, selected_rows
-from tsarank.data.collate import (
-    IGNORE_INDEX,
-    CPTCollator,
-    build_cpt_dataset,
-    model_attention_inputs,
-    pack_rows,
-    packed_attention_mask,
-    pair_labels,
-)
+from flash_emulation import emulated_flash_attention, use_flash_attention
+from tsarank.data.collate import IGNORE_INDEX, CPTCollator, build_cpt_dataset, pair_labels
 from tsarank.errors import DataError
 from tsarank.prompts import PromptTemplate, encode_pairs
+from tsarank.training.cpt_trainer import causal_lm_loss
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -67,7 +60,6 @@ def test_labels_mask_source_hand_written(tiny_tokenizer):
         assert batch["labels"][row].tolist() == expected_labels  # source masked, query kept, padding ignored
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
         assert batch["target_mask"][row].tolist() == [False] * len(src) + [True] * len(tgt) + [False] * (width - n)
-    assert "position_ids" not in batch
     # The shorter row really is padded, so "padding ignored" was exercised.
     assert (batch["attention_mask"] == 0).any()
 
@@ -89,127 +81,45 @@ def test_pair_labels_rejects_bad_span():
         pair_labels([1, 2, 3], 0, 2, True)
 
 
-def test_pack_rows_first_fit_decreasing():
-    lengths = [5, 3, 7, 2, 4, 6]
-    rows = pack_rows(lengths, capacity=9)
-    assert sorted(i for r in rows for i in r) == list(range(6))
-    assert all(sum(lengths[i] for i in r) <= 9 for r in rows)
-    # FFD by hand: 7 -> r0; 6 -> r1; 5 -> r2; 4 -> r2 (9); 3 -> r1 (9); 2 -> r0 (9).
-    assert rows == [[2, 3], [1, 5], [0, 4]]
-    assert pack_rows([10, 2], capacity=4) == [[0], [1]]  # an over-long pair gets a row of its own
-
-
-def test_packing_layout(tiny_tokenizer):
-    tok = tiny_tokenizer
-    feats = _features(tok)
-    plain = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=True)(feats)
-    packed = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=True, packing=True, packing_max_length=1000)(feats)
-    assert packed["input_ids"].shape[0] == 1  # everything fits one row of 1000
-    lengths = [len(f["input_ids"]) for f in feats]
-    assert packed["attention_mask"].sum().item() == sum(lengths) == plain["attention_mask"].sum().item()
-    pos = packed["position_ids"][0].tolist()
-    at = 0
-    for f, k in zip(feats, lengths):  # a row packs pairs in ascending index order
-        assert pos[at : at + k] == list(range(k))
-        assert packed["input_ids"][0, at : at + k].tolist() == f["input_ids"]
-        assert packed["labels"][0, at : at + k].tolist() == pair_labels(f["input_ids"], f["target_start"], f["target_end"], True)
-        at += k
-    # Same labelled tokens as the padded batch, in the same order.
-    assert packed["labels"][packed["labels"] != IGNORE_INDEX].tolist() == plain["labels"][plain["labels"] != IGNORE_INDEX].tolist()
-
-
-def test_packed_mask_matches_brute_force_definition():
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1]])
-    att = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])  # last segment is padding
-    mask = packed_attention_mask(pos, att)[0, 0]
-    seg = [0, 0, 0, 1, 1, 2, 2]
-    for i in range(7):
-        for j in range(7):
-            expected = seg[i] == seg[j] and j <= i and (att[0, j] == 1 or i == j)
-            assert bool(mask[i, j]) == expected, (i, j)
-    additive = packed_attention_mask(pos, att, torch.float32)[0, 0]
-    assert torch.equal(additive == 0, mask)
-    assert (additive[~mask] == torch.finfo(torch.float32).min).all()
-
-
-def _per_pair_logprobs(model, feats, span_labels, order=None):
-    """Brute force: run every pair alone (no padding, no packing) and take log p of each labelled token; pairs are
-    concatenated in ``order`` (the layout of the batch being compared)."""
+def _per_pair_logprobs(model, feats, span_labels):
+    """Brute force: run every pair alone (no padding, no packing), full logits, log p of each labelled token."""
     out = []
-    for i in order if order is not None else range(len(feats)):
-        f = feats[i]
-        ids = torch.tensor([f["input_ids"]])
+    for f in feats:
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].double()
+            logits = model(input_ids=torch.tensor([f["input_ids"]]), use_cache=False).logits[0].double()
         lp = torch.log_softmax(logits, -1)
         labels = span_labels(f)
-        for t in range(1, len(labels)):
-            if labels[t] != IGNORE_INDEX:
-                out.append(lp[t - 1, labels[t]].item())
+        out += [lp[t - 1, labels[t]].item() for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _batch_logprobs(model, batch):
-    from tsarank.modeling import body_and_head
-    from tsarank.training import forward_hidden
-
-    attn, pos = model_attention_inputs(batch, model.config._attn_implementation, torch.float32)
-    with torch.no_grad():
-        hidden = forward_hidden(model, batch["input_ids"], attn, pos)
-        b, t, targets = selected_rows(batch, "labels")
-        _, head = body_and_head(model)
-        lp = torch.log_softmax(head(hidden[b, t]).double(), -1)
-    return lp.gather(-1, targets[:, None]).squeeze(-1)
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flash_attention_2"])
 @pytest.mark.parametrize("mask_source", [True, False])
-def test_packed_logprobs_equal_per_pair_brute_force(tiny_tokenizer, attn, mask_source):
+def test_packed_cpt_loss_equals_pairs_alone(tiny_tokenizer, monkeypatch, attn, mask_source):
+    """The CPT loss of a packed batch is the mean NLL of each pair's labelled tokens computed alone, whatever the
+    attention implementation (FlashAttention-2: transformers' real dispatch with emulated kernels), and equals the
+    padded batch's loss. Before the one packer, FlashAttention-2 rows let the pairs of a row attend to each other."""
     from conftest import build_tiny_llama
 
     tok = tiny_tokenizer
     model = build_tiny_llama(len(tok), seed=3)
-    model.config._attn_implementation = attn
-    feats = _features(tok)
+    model.config._attn_implementation = attn if attn != "flash_attention_2" else "sdpa"  # for the brute force
+    feats = _features(tok) * 2  # 8 pairs: several packed rows for SDPA/eager
     labels_of = lambda f: pair_labels(f["input_ids"], f["target_start"], f["target_end"], mask_source)  # noqa: E731
     brute = _per_pair_logprobs(model, feats, labels_of)
-    for capacity, n_rows in ((64, 2), (1000, 1)):  # two rows, one padded / one row holding all pairs
-        collator = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=mask_source, packing=True, packing_max_length=capacity)
-        batch = collator(feats)
-        layout = [i for row in pack_rows([len(f["input_ids"]) for f in feats], capacity) for i in row]
-        brute = _per_pair_logprobs(model, feats, labels_of, layout)
-        assert batch["input_ids"].shape[0] == n_rows  # pairs really were packed together
-        if n_rows == 2:
-            assert (batch["attention_mask"] == 0).any()  # and a padding tail was exercised
-        packed = _batch_logprobs(model, batch)
-        torch.testing.assert_close(packed, brute, atol=1e-5, rtol=0)
-        loss, n = causal_lm_loss(model, batch)
-        assert n == brute.numel()
-        assert abs(loss.item() - (-brute.mean().item())) < 1e-5
-    padded = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=mask_source)(feats)
-    torch.testing.assert_close(_batch_logprobs(model, padded), _per_pair_logprobs(model, feats, labels_of), atol=1e-5, rtol=0)
-
-
-def test_transformers_native_packing_agrees(tiny_tokenizer):
-    """transformers v5 also derives a block mask from restarting position_ids when attention_mask is None (the path
-    FlashAttention-2 takes); on SDPA it must agree with the explicit 4D mask."""
-    from conftest import build_tiny_llama
-
-    tok = tiny_tokenizer
-    model = build_tiny_llama(len(tok), seed=4)
-    batch = CPTCollator(pad_token_id=tok.pad_token_id, packing=True, packing_max_length=1000)(_features(tok))
-    with torch.no_grad():
-        # use_cache=False: transformers only looks for packed sequences when there is no KV cache.
-        native = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        mask, pos = model_attention_inputs(batch, "sdpa", torch.float32)
-        ours = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos, use_cache=False).logits
-    torch.testing.assert_close(ours, native, atol=1e-5, rtol=0)
-
-
-def test_packing_refuses_unknown_backend(tiny_tokenizer):
-    batch = CPTCollator(pad_token_id=2, packing=True)(_features(tiny_tokenizer))
-    with pytest.raises(ValueError, match="packing needs FlashAttention-2"):
-        model_attention_inputs(batch, "flex_attention", torch.float32)
+    batch = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=mask_source)(feats)
+    with emulated_flash_attention(monkeypatch) as log:
+        if attn == "flash_attention_2":
+            use_flash_attention(model)
+        with torch.no_grad():
+            packed, n = causal_lm_loss(model, batch, packing=True, pad_id=tok.pad_token_id)
+            padded, n_padded = causal_lm_loss(model, batch, packing=False, pad_id=tok.pad_token_id) \
+                if attn != "flash_attention_2" else (packed, n)
+    if attn == "flash_attention_2":
+        assert log.varlen and not log.dense  # one packed row, varlen kernel only
+    assert n == n_padded == brute.numel()
+    assert abs(packed.item() - (-brute.mean().item())) < 1e-5
+    assert abs(padded.item() - packed.item()) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- readers / dataset

@@ -16,7 +16,8 @@ import torch
 from conftest import build_tiny_llama
 from tsarank.hub import load_tsarank_config, save_tsarank_config
 from tsarank.inference import Ranker, collate_pairs, plan_batches
-from tsarank.modeling import LastTokenHead, flash_attn_available, resolve_attn_implementation
+from tsarank.backend import flash_attn_available, resolve_attn_implementation
+from tsarank.modeling import LastTokenHead
 from tsarank.prompts import PromptTemplate, encode_pairs
 
 QUERY = "what is the capital of france"

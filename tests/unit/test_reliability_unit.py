@@ -8,10 +8,8 @@ The subprocess / kill / resume rows are in ``tests/integration/test_reliability.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,15 +32,7 @@ NON_LATIN = {
 QUERY = "what is the capital of france"
 
 
-def _load_sft():
-    spec = importlib.util.spec_from_file_location("tsarank_sft_train_reliability", ROOT / "sft" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sft = _load_sft()
+from tsarank.training import sft  # noqa: E402  the code behind sft/train.py
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from conftest import build_tiny_llama  # noqa: E402
 
 from tsarank.data.groups import GroupCollator, GroupDataset  # noqa: E402
 from tsarank.layers import freeze_all_but_top  # noqa: E402
-from tsarank.modeling import HEAD_WEIGHTS, LastTokenHead, body_and_head, run_body, target_rows  # noqa: E402
+from tsarank.modeling import HEAD_WEIGHTS, LastTokenHead, body_and_head, model_inputs  # noqa: E402
+from tsarank.packing import padded_inputs  # noqa: E402
 from tsarank.prompts import PromptTemplate  # noqa: E402
 from tsarank.reference import (  # noqa: E402
     AdapterOffReference,
@@ -29,14 +30,14 @@ from tsarank.reference import (  # noqa: E402
     SharedPrefixReference,
     build_reference,
 )
-from tsarank.trainer import (  # noqa: E402
-    SCORE_HEAD_ATTR,
-    RankingLossConfig,
-    RankingTrainer,
-    group_loss,
-    pack_sequences,
-    supports_packing,
-)
+from tsarank.row_head import target_rows  # noqa: E402
+from tsarank.training.sft_loss import RankingLossConfig, group_loss  # noqa: E402
+from tsarank.training.sft_trainer import SCORE_HEAD_ATTR, RankingTrainer  # noqa: E402
+
+
+def run_body(body, ids, am):
+    """The decoder body's final hidden states, called directly (an independent route from forward_hidden)."""
+    return body(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
 
 G = 4
 
@@ -136,17 +137,17 @@ def run_both(policy, ref_model, batch, cfg, tmp_path, score_head=None):
 
 @pytest.mark.parametrize("dp_span", ["all", "query"])
 @pytest.mark.parametrize("gen_span", ["all", "query"])
-@pytest.mark.parametrize("chunk,pack,fused", [(None, None, None), (7, False, False), (5, None, True)])
-def test_equivalence_with_full_logits(tiny_tokenizer, policy_and_ref, tmp_path, dp_span, gen_span, chunk, pack,
-                                      fused):
+@pytest.mark.parametrize("chunk,pack", [(None, None), (7, False), (5, True)])
+def test_equivalence_with_full_logits(tiny_tokenizer, policy_and_ref, tmp_path, dp_span, gen_span, chunk, pack):
     policy, ref_model = policy_and_ref
     batch = make_batch(tiny_tokenizer)
     assert not batch["attention_mask"].all()  # padding is present and must be masked
     # pack=None: auto, i.e. packed for Llama (the batch packs into fewer rows than sequences)
-    assert pack_sequences(batch["input_ids"], batch["attention_mask"], 2).input_ids.shape[0] < 2 * G
-    # None = auto: packed (Llama supports it) and fused head (plain nn.Linear), one chunk
+    rows = model_inputs(policy, batch["input_ids"], batch["attention_mask"], pack=True, pad_id=2,
+                        capacity=int(1.5 * batch["input_ids"].shape[1]))
+    assert rows.packed and rows.input_ids.shape[0] < 2 * G
     cfg = RankingLossConfig(group_size=G, dp_span=dp_span, gen_span=gen_span, logit_chunk_rows=chunk,
-                            pack_sequences=pack, fused_head=fused)
+                            pack_sequences=pack)
     got, expected, g_got, g_exp, _ = run_both(policy, ref_model, batch, cfg, tmp_path)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert_grads_close(g_got, g_exp)
@@ -179,41 +180,6 @@ def test_equivalence_last_token_head(tiny_tokenizer, policy_and_ref, tmp_path):
     opt = trainer.create_optimizer()
     in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
     assert id(head.linear.weight) in in_opt and id(head.linear.bias) in in_opt
-
-
-@pytest.mark.parametrize("variant", ["frozen_tied_head", "head_with_bias", "bf16"])
-def test_fused_head_matches_autograd_path(tiny_tokenizer, policy_and_ref, tmp_path, variant):
-    policy, ref_model = policy_and_ref
-    if variant == "frozen_tied_head":
-        freeze_all_but_top(policy, 1)  # the tied head/embedding is frozen: no weight gradient at all
-    elif variant == "head_with_bias":
-        policy.config.tie_word_embeddings = False
-        head = torch.nn.Linear(policy.config.hidden_size, policy.config.vocab_size, bias=True)
-        torch.nn.init.normal_(head.bias, std=0.5)
-        policy.lm_head = head
-    else:
-        policy, ref_model = policy.to(torch.bfloat16), ref_model.to(torch.bfloat16)
-    batch = make_batch(tiny_tokenizer)
-    results = []
-    for fused in (False, True):
-        model = copy.deepcopy(policy)
-        cfg = RankingLossConfig(group_size=G, dp_span="all", logit_chunk_rows=6, fused_head=fused)
-        trainer = make_trainer(model, tmp_path, cfg, reference=SeparateReference(copy.deepcopy(ref_model)))
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        results.append((loss.item(), grads_of(model)))
-    (l0, g0), (l1, g1) = results
-    rel = 1e-5 if variant != "bf16" else 2e-2
-    assert l1 == pytest.approx(l0, rel=rel)
-    if variant == "frozen_tied_head":
-        assert "model.embed_tokens.weight" not in g1
-    if variant == "head_with_bias":
-        assert "lm_head.bias" in g1
-    if variant == "bf16":
-        for n in g0:  # bf16 rounding differs (fp32 accumulation in the fused path): compare loosely
-            assert (g1[n].float() - g0[n].float()).norm() <= 0.05 * g0[n].float().norm() + 1e-6, n
-    else:
-        assert_grads_close(g1, g0)
 
 
 def test_last_token_rejects_query_span():
@@ -285,47 +251,13 @@ def test_bf16_runs_and_matches_fp32(tiny_tokenizer, policy_and_ref, tmp_path):
     assert sum(g.float().abs().sum().item() for g in grads.values()) > 0
 
 
-# ------------------------------------------------------------------------------------------------ packing
-def test_pack_sequences_layout():
-    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [1, 2, 0, 0, 0, 0], [3, 4, 5, 0, 0, 0], [7, 0, 0, 0, 0, 0]])
-    am = (ids != 0).long()
-    am[3, 0] = 1
-    p = pack_sequences(ids, am, pad_id=0)
-    # first-fit decreasing into rows of 6: [5 tokens + 1], [3 + 2 + tail 1]
-    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 7], [3, 4, 5, 1, 2, 0]]
-    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]
-    assert p.seq_row.tolist() == [0, 1, 1, 0] and p.seq_offset.tolist() == [0, 3, 0, 5]
-    hidden = torch.arange(2 * 6).float().view(2, 6, 1)
-    un = p.unpack(hidden, 6)
-    # a larger capacity packs everything into one row: [5] [3] [2] [1] + tail
-    p9 = pack_sequences(ids, am, pad_id=0, capacity=12)
-    assert p9.input_ids.tolist() == [[5, 6, 7, 8, 9, 3, 4, 5, 1, 2, 7, 0]]
-    assert p9.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 0, 0]]
-    assert un[0, :5, 0].tolist() == [0, 1, 2, 3, 4] and un[1, :2, 0].tolist() == [9, 10]
-    r, c = p.to_packed((torch.tensor([2, 1]), torch.tensor([2, 1])))
-    assert r.tolist() == [1, 1] and c.tolist() == [2, 4]
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_packed_forward_equals_padded(tiny_tokenizer, arch):
-    vocab = len(tiny_tokenizer)
-    model = build_tiny_llama(vocab) if arch == "llama" else build_tiny_qwen2(vocab)
-    assert supports_packing(model)
-    batch = make_batch(tiny_tokenizer)
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    p = pack_sequences(ids, am, 2, capacity=int(1.5 * ids.shape[1]))
-    assert p.input_ids.shape[1] > ids.shape[1]
-    body, _ = body_and_head(model)
-    with torch.no_grad():
-        padded = run_body(body, ids, am)
-        packed = p.unpack(run_body(body, p.input_ids, None, position_ids=p.position_ids), ids.shape[1])
-    real = am.bool()
-    torch.testing.assert_close(packed[real], padded[real], rtol=1e-5, atol=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------- references
 def _rows(batch):
     return target_rows(batch["query_mask"])
+
+
+def _inputs(batch):
+    return padded_inputs(batch["input_ids"], batch["attention_mask"])
 
 
 def _full_logits_at(model, batch, rows):
@@ -345,7 +277,7 @@ def test_adapter_off_reference_equals_base_model(tiny_tokenizer, tiny_checkpoint
     batch = make_batch(tiny_tokenizer)
     rows = _rows(batch)
     ref = AdapterOffReference(policy)
-    got = ref.logits_at(batch["input_ids"], batch["attention_mask"], rows)
+    got = ref.logits_at(_inputs(batch), *rows)
     loaded = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).float().eval()
     expected = _full_logits_at(loaded, batch, rows)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -405,17 +337,17 @@ def test_shared_prefix_reference_equals_full_reference(tiny_tokenizer, arch, che
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = make_batch(tiny_tokenizer)
     rows = target_rows(batch["attention_mask"].bool() & (torch.arange(batch["input_ids"].shape[1]) > 0))
-    expected = SeparateReference(start).logits_at(batch["input_ids"], batch["attention_mask"], rows)
+    expected = SeparateReference(start).logits_at(_inputs(batch), *rows)
     # within a training step: captured from the policy's own forward
     ref.prepare(policy)
     body, head = body_and_head(policy)
     hidden = run_body(body, batch["input_ids"], batch["attention_mask"])
     assert ref._captured is not None
-    got = ref.logits_at(batch["input_ids"], batch["attention_mask"], rows)
+    got = ref.logits_at(_inputs(batch), *rows)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     hidden.sum().backward()  # the policy graph is intact
     # standalone (no capture): runs the frozen prefix itself
-    got2 = ref.logits_at(batch["input_ids"], batch["attention_mask"], rows)
+    got2 = ref.logits_at(_inputs(batch), *rows)
     torch.testing.assert_close(got2, expected, rtol=1e-5, atol=1e-5)
     # the policy really differs from the reference now
     assert not torch.allclose(_full_logits_at(policy, batch, rows), expected, atol=1e-3)
@@ -430,10 +362,11 @@ def test_shared_prefix_follows_policy_cast_to_bf16(tiny_tokenizer):
     policy.to(torch.bfloat16)
     batch = make_batch(tiny_tokenizer)
     rows = _rows(batch)
-    got = ref.logits_at(batch["input_ids"], batch["attention_mask"], rows)
-    assert got.dtype == torch.bfloat16 and next(ref.blocks.parameters()).dtype == torch.bfloat16
-    expected = SeparateReference(start).logits_at(batch["input_ids"], batch["attention_mask"], rows)
-    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+    got = ref.logits_at(_inputs(batch), *rows)
+    # the blocks follow the policy to bf16; the head's logits are computed in fp32 from them
+    assert got.dtype == torch.float32 and next(ref.blocks.parameters()).dtype == torch.bfloat16
+    expected = SeparateReference(start).logits_at(_inputs(batch), *rows)
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
 
 
 def test_shared_prefix_in_trainer_equals_separate(tiny_tokenizer, tmp_path):

@@ -1,29 +1,17 @@
-"""sft/train.py option and data checks that run before any model is loaded (seconds, no model)."""
+"""Stage 2 (tsarank train sft) option and data checks that run before any model is loaded (seconds, no model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from tsarank.errors import DataError
 from tsarank.prompts import PromptTemplate
+from tsarank.training import sft
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_sft():
-    spec = importlib.util.spec_from_file_location("tsarank_sft_train", ROOT / "sft" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sft = _load_sft()
 
 
 def _group(query="q", negatives=2, teacher=False):
@@ -93,10 +81,12 @@ def gfile(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--dp_span", "tokens"], "--dp_span must be 'query' or 'all'"),
-        (["--score_transform", "sigmoid"], "--score_transform must be 'prob'"),
+        (["--dp_span", "tokens"], "dp_span must be one of ('all', 'query'), got 'tokens'"),
+        (["--score_transform", "sigmoid"], "score_transform must be 'prob'"),
         (["--loss", "softmaxx"], "softmax"),
-        (["--use_lora", "true", "--train_top_layers", "2"], "choose one"),
+        (["--use_lora", "true", "--train_top_layers", "2"], "use_lora and train_top_layers are both set"),
+        (["--train_group_size", "0"], "train_group_size must be >= 1"),
+        (["--temperature", "0"], "temperature and distill_temperature must be > 0"),
         (["--scoring_head", "last_token", "--lambda_dp", "1", "--dp_span", "query"], "dp_span='all'"),
         (["--no_such_option", "1"], "unknown option 'no_such_option'"),
         (["--ref_model_name_or_path", "./nowhere/model"], "no such directory"),
@@ -130,11 +120,11 @@ def test_non_empty_output_dir_is_refused(gfile, tmp_path, capsys):
 
 
 def test_templates():
-    sft_args = sft.SFTArguments(scoring_head="last_token")
     data = sft.DataArguments(max_doc_tokens=100, max_query_tokens=20)
-    assert sft.build_template(data, sft_args) == PromptTemplate.last_token(max_doc_tokens=100, max_query_tokens=20)
-    ql = sft.build_template(data, sft.SFTArguments())
-    assert ql == PromptTemplate(max_doc_tokens=100, max_query_tokens=20)
+    assert data.template("last_token") == PromptTemplate.last_token(max_doc_tokens=100, max_query_tokens=20)
+    assert data.template() == PromptTemplate(max_doc_tokens=100, max_query_tokens=20)
+    with pytest.raises(sft.OptionError, match="template"):
+        sft.DataArguments(template_source="no placeholder").template()
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "sft" / "configs").glob("*.yaml")))

@@ -1,5 +1,5 @@
-"""Shared training plumbing (tsarank/training.py, tsarank/cpt.py) on tiny models: pad-token init, LoRA / top-layer
-parameter counts against hand-worked formulas, output-dir refusal, the NaN guard, token counting."""
+"""Shared training plumbing (tsarank/training/) on tiny models: pad-token init, LoRA / top-layer parameter counts
+against hand-worked formulas, output-dir refusal, the NaN guard, token counting, checkpoints that Ranker loads."""
 
 from __future__ import annotations
 
@@ -10,19 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tsarank.config import ModelArguments, TsarankTrainingArguments, check_output_dir
-from tsarank.cpt import CausalLMTrainer
 from tsarank.data.collate import CPTCollator
+from tsarank.modeling import forward_hidden
+from tsarank.packing import padded_inputs
 from tsarank.prompts import PromptTemplate, encode_pairs
-from tsarank.training import (
-    NanGuardCallback,
-    ThroughputCallback,
-    attach_callbacks,
-    count_parameters,
-    forward_hidden,
-    prepare_model,
-    resolve_resume_checkpoint,
-)
+from tsarank.training.arguments import ModelArguments, OptionError, TsarankTrainingArguments
+from tsarank.training.callbacks import NanGuardCallback, ThroughputCallback, attach_callbacks
+from tsarank.training.checkpoints import check_output_dir, resolve_resume_checkpoint
+from tsarank.training.cpt_trainer import CausalLMTrainer
+from tsarank.training.model_setup import count_parameters, prepare_model
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -116,17 +112,20 @@ def test_train_top_layers_parameter_count(tiny_dir, tiny_tokenizer):
     assert all(n.startswith("model.layers.2.") or n == "model.norm.weight" for n in names)
 
 
-def test_contradictory_model_options(tiny_dir, tiny_tokenizer):
-    with pytest.raises(ValueError, match="use_lora and train_top_layers"):
-        prepare_model(_args(tiny_dir, use_lora=True, train_top_layers=1), tiny_tokenizer, None)
-    with pytest.raises(ValueError, match="merge_lora: true needs use_lora"):
-        prepare_model(_args(tiny_dir, merge_lora=True), tiny_tokenizer, None)
+def test_contradictory_model_options(tiny_dir):
+    """Checked where the options live (ModelArguments), before any model is loaded."""
+    with pytest.raises(OptionError, match="use_lora and train_top_layers"):
+        _args(tiny_dir, use_lora=True, train_top_layers=1)
+    with pytest.raises(OptionError, match="merge_lora: true needs use_lora"):
+        _args(tiny_dir, merge_lora=True)
+    with pytest.raises(OptionError, match="train_top_layers must be >= 0"):
+        _args(tiny_dir, train_top_layers=-1)
 
 
 def test_forward_hidden_equals_decoder_output(tiny_llama, tiny_tokenizer):
     ids = torch.tensor([tiny_tokenizer("Document: Paris. Query: capital")["input_ids"]])
     with torch.no_grad():
-        ours = forward_hidden(tiny_llama, ids, torch.ones_like(ids))
+        ours, _ = forward_hidden(tiny_llama, padded_inputs(ids, torch.ones_like(ids)))
         ref = tiny_llama.model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(ours, ref)
 
@@ -144,12 +143,8 @@ def test_output_dir_refusal(tmp_path):
 
 
 def test_cpt_train_refuses_non_empty_output_dir_before_loading(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from tsarank.training import cpt as cpt_train
 
-    spec = importlib.util.spec_from_file_location("cpt_train", Path(__file__).resolve().parents[2] / "cpt" / "train.py")
-    cpt_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpt_train)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -248,7 +243,7 @@ def test_eval_query_perplexity_matches_brute_force(tmp_path, tiny_llama, tiny_to
 def test_ranking_eval_callback_matches_independent_ndcg(tmp_path, tiny_llama, tiny_tokenizer, shared_data):
     import ir_measures
 
-    from tsarank.training import RankingEvalCallback
+    from tsarank.training.callbacks import RankingEvalCallback
 
     template = PromptTemplate(max_doc_tokens=48, max_query_tokens=16)
     cb = RankingEvalCallback(shared_data / "trec-dl-passage/bm25_top100/retrieve_results_dl19.json",
@@ -274,7 +269,7 @@ def test_ranking_eval_callback_matches_independent_ndcg(tmp_path, tiny_llama, ti
 
 def test_finalize_writes_sidecars(tmp_path, tiny_llama, tiny_tokenizer):
     from tsarank.hub import load_tsarank_config
-    from tsarank.training import finalize_checkpoint
+    from tsarank.training.checkpoints import finalize_checkpoint
 
     out = tmp_path / "out"
     trainer = _trainer(CausalLMTrainer, tiny_llama, tiny_tokenizer, out, max_steps=1, save_steps=100)
@@ -289,3 +284,24 @@ def test_finalize_writes_sidecars(tmp_path, tiny_llama, tiny_tokenizer):
     assert json.loads((out / "training_args.json").read_text())["learning_rate"] == 1e-2
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_every_cpt_checkpoint_loads_with_its_training_template(tmp_path, tiny_dir):
+    """Intermediate checkpoint-N directories carry tsarank_config.json: Ranker scores them with the template and
+    budgets they were trained with, not the defaults."""
+    from tsarank import Ranker
+    from tsarank.training import cpt as cpt_train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"text": d, "query": q}) + "\n" for q, d in PAIRS * 2))
+    out = tmp_path / "out"
+    assert cpt_train.main(["--model_name_or_path", str(tiny_dir), "--train_file", str(pairs), "--output_dir", str(out),
+                           "--max_doc_tokens", "40", "--max_query_tokens", "12", "--template_source",
+                           "Passage: {doc} Question:", "--max_steps", "2", "--save_steps", "1",
+                           "--per_device_train_batch_size", "4", "--report_to", "none", "--eval_strategy", "no",
+                           "--use_cpu", "true"]) == 0
+    trained = PromptTemplate(source="Passage: {doc} Question:", max_doc_tokens=40, max_query_tokens=12)
+    for ckpt in ("checkpoint-1", "checkpoint-2"):
+        ranker = Ranker.from_pretrained(str(out / ckpt), device="cpu", dtype="float32")
+        assert ranker.template == trained, ckpt
+    assert Ranker.from_pretrained(str(out), device="cpu", dtype="float32").template == trained

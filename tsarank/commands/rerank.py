@@ -175,7 +175,7 @@ def _report_missing(missing: list[str], strict: bool) -> None:
 
 
 def _device_type(device: str | None) -> str:
-    from tsarank.modeling import resolve_device
+    from tsarank.backend import resolve_device
 
     try:
         kind = resolve_device(device).type
@@ -208,7 +208,8 @@ def _check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank rerank``; returns the process exit code."""
-    from tsarank.data.formats import atomic_open, format_run_lines, load_candidates
+    from tsarank.atomic import atomic_open
+    from tsarank.data.formats import format_run_lines, load_candidates
 
     out = Path(args.out)
     sidecar = out.with_name(out.name + SIDECAR_SUFFIX)

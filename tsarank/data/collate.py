@@ -1,20 +1,15 @@
-"""Stage-1 (CPT) datasets and collation: weak pairs -> Arrow dataset of token ids -> padded or packed batches.
+"""Stage-1 (CPT) datasets and collation: weak pairs -> Arrow dataset of token ids -> right-padded batches.
 
 Dataset: the weak-pairs file is validated in one streaming pass (errors name ``file:line``), then its normalised
 ``(text, query)`` records are written to an Arrow table by ``datasets`` (memory-mapped, cached, never a Python list of
 the whole file) and tokenized in batches by :func:`tsarank.prompts.encode_pairs`, the same code inference uses.
 
-Batches: :class:`CPTCollator` pads on the right, or packs several pairs into one row with ``position_ids`` restarting
-at 0 for every pair. A packed row must not let a pair attend to (or be predicted from) another pair:
-
-* with FlashAttention-2, transformers turns restarting ``position_ids`` into a varlen call (``attention_mask=None``);
-* with SDPA/eager, :func:`packed_attention_mask` builds a 4D block-diagonal causal mask, which transformers v5 takes
-  as-is for a ``[B, 1, L, L]`` tensor (bool for SDPA, additive float for eager);
-* any other backend is refused with a message (:func:`model_attention_inputs`).
+Batches: :class:`CPTCollator` pads on the right. Packing (several pairs per row, each attending only to itself) happens
+on the device, in the loss (:func:`tsarank.training.cpt_trainer.causal_lm_loss` with :mod:`tsarank.packing`), so the
+same batch can run padded or packed.
 
 Labels: ``-100`` everywhere except the tokens the loss covers: the query span (``mask_source=True``) or every real
-token but the first of each pair (``mask_source=False``; the first token has no prefix to be predicted from, and in a
-packed row predicting it from the previous pair would leak across pairs).
+token but the first of each pair (``mask_source=False``; the first token has no prefix to be predicted from).
 """
 
 from __future__ import annotations
@@ -32,10 +27,6 @@ from ..prompts import PromptTemplate, encode_pairs
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-#: Attention implementations that take packed rows through ``position_ids`` alone (varlen kernels).
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-#: Attention implementations that take an explicit 4D mask.
-MASKED_ATTENTION = ("sdpa", "eager")
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -139,147 +130,41 @@ def pair_labels(input_ids: Sequence[int], target_start: int, target_end: int, ma
     return [IGNORE_INDEX] + list(input_ids[1:])
 
 
-def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of sequence indices into rows of at most ``capacity`` tokens.
-
-    A sequence longer than ``capacity`` gets a row of its own. Within a row, indices keep ascending order (the order
-    pairs are laid out in), so the packing is deterministic.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i in order:
-        for r, u in enumerate(used):
-            if u + lengths[i] <= capacity:
-                rows[r].append(i)
-                used[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            used.append(lengths[i])
-    return [sorted(r) for r in rows]
-
-
 @dataclass
 class CPTCollator:
-    """Turn tokenized pairs into a CPT batch.
+    """Turn tokenized pairs into a right-padded CPT batch.
 
-    Output (all ``[R, C]``): ``input_ids`` (right-padded with ``pad_token_id``), ``attention_mask`` (1 on real tokens;
-    also what the Trainer counts as tokens seen), ``labels`` (see module docstring), ``target_mask`` (bool, the query
-    tokens, used for the validation query perplexity whatever ``mask_source`` is), and with ``packing`` also
-    ``position_ids`` (restarting at 0 for each pair; the padding tail of a row is its own segment ``0, 1, ...``).
+    Output (all ``[B, L]``): ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` (1 on real tokens; also
+    what the Trainer counts as tokens seen), ``labels`` (see module docstring) and ``target_mask`` (bool, the query
+    tokens, used for the validation query perplexity whatever ``mask_source`` is).
 
     Args:
         pad_token_id: Padding id.
         mask_source: Loss on query tokens only (True) or on every token but each pair's first (False).
-        packing: Pack several pairs per row (first-fit decreasing).
-        packing_max_length: Row capacity; default (None) the longest pair of the batch, so rows are never longer than
-            the padded batch would be (and attention cost per row does not grow).
-        pad_to_multiple_of: Round the row length up to a multiple of this (tensor cores).
+        pad_to_multiple_of: Round the length up to a multiple of this (tensor cores).
     """
 
     pad_token_id: int
     mask_source: bool = True
-    packing: bool = False
-    packing_max_length: int | None = None
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("CPTCollator got an empty batch")
         seqs = [list(f["input_ids"]) for f in features]
-        labels = [pair_labels(s, int(f["target_start"]), int(f["target_end"]), self.mask_source) for s, f in zip(seqs, features)]
-        spans = [(int(f["target_start"]), int(f["target_end"])) for f in features]
-        lengths = [len(s) for s in seqs]
-        if self.packing:
-            capacity = max(max(lengths), self.packing_max_length or 0)
-            rows = pack_rows(lengths, capacity)
-        else:
-            rows = [[i] for i in range(len(seqs))]
-        width = max(sum(lengths[i] for i in row) for row in rows)
+        width = max(len(s) for s in seqs)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(rows)
+        n = len(seqs)
         ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         att = torch.zeros((n, width), dtype=torch.long)
         lab = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         tgt = torch.zeros((n, width), dtype=torch.bool)
-        pos = torch.zeros((n, width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            at = 0
-            for i in row:
-                k = lengths[i]
-                ids[r, at : at + k] = torch.tensor(seqs[i])
-                att[r, at : at + k] = 1
-                lab[r, at : at + k] = torch.tensor(labels[i])
-                tgt[r, at + spans[i][0] : at + spans[i][1]] = True
-                pos[r, at : at + k] = torch.arange(k)
-                at += k
-            pos[r, at:] = torch.arange(width - at)  # padding tail: a segment of its own, never labelled
-        batch = {"input_ids": ids, "attention_mask": att, "labels": lab, "target_mask": tgt}
-        if self.packing:
-            batch["position_ids"] = pos
-        return batch
-
-
-# ------------------------------------------------------------------------------------------- packed attention
-def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """``[R, C]`` segment index per token: a new segment starts wherever ``position_ids`` is 0."""
-    starts = (position_ids == 0).to(torch.long)
-    return starts.cumsum(dim=-1)
-
-
-def packed_attention_mask(
-    position_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """4D block-diagonal causal mask for packed rows.
-
-    Token ``i`` may attend to token ``j`` iff both are in the same segment (see :func:`segment_ids`), ``j <= i``, and
-    ``j`` is a real token (or ``j == i``, so that padding rows are never fully masked).
-
-    Args:
-        position_ids: ``[R, C]``, restarting at 0 for each pair.
-        attention_mask: ``[R, C]``, 1 on real tokens.
-        dtype: ``None`` for a bool mask (True = attend; what SDPA takes), or a float dtype for an additive mask
-            (0 = attend, ``finfo.min`` = masked; what eager attention adds to its scores).
-
-    Returns:
-        ``[R, 1, C, C]``.
-    """
-    seg = segment_ids(position_ids)
-    c = position_ids.shape[1]
-    same = seg[:, :, None] == seg[:, None, :]
-    causal = torch.ones(c, c, dtype=torch.bool, device=position_ids.device).tril()
-    real = attention_mask.bool()[:, None, :] | torch.eye(c, dtype=torch.bool, device=position_ids.device)[None]
-    allowed = (same & causal[None] & real)[:, None]
-    if dtype is None:
-        return allowed
-    out = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return out.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def model_attention_inputs(
-    batch: dict[str, torch.Tensor], attn_implementation: str, dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(attention_mask, position_ids)`` to pass to the model for a (padded or packed) batch.
-
-    Padded batches: the 2D mask. Packed batches: ``(None, position_ids)`` for varlen FlashAttention, a 4D block mask
-    plus ``position_ids`` for SDPA/eager.
-
-    Raises:
-        ValueError: packing with an attention backend that takes neither.
-    """
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        return batch["attention_mask"], None
-    if attn_implementation in VARLEN_ATTENTION:
-        return None, position_ids
-    if attn_implementation == "sdpa":
-        return packed_attention_mask(position_ids, batch["attention_mask"]), position_ids
-    if attn_implementation == "eager":
-        return packed_attention_mask(position_ids, batch["attention_mask"], dtype), position_ids
-    raise ValueError(
-        f"packing needs FlashAttention-2 (varlen) or an SDPA/eager model that accepts a 4D block mask; this model "
-        f"uses attn_implementation={attn_implementation!r}. Fix: set packing: false, or attn_implementation: sdpa "
-        "(or flash_attention_2 on CUDA)."
-    )
+        for i, (seq, f) in enumerate(zip(seqs, features)):
+            start, end = int(f["target_start"]), int(f["target_end"])
+            k = len(seq)
+            ids[i, :k] = torch.tensor(seq)
+            att[i, :k] = 1
+            lab[i, :k] = torch.tensor(pair_labels(seq, start, end, self.mask_source))
+            tgt[i, start:end] = True
+        return {"input_ids": ids, "attention_mask": att, "labels": lab, "target_mask": tgt}

@@ -1,4 +1,4 @@
-"""Readers and writers for tsarank's data contracts (DESIGN.md section 3).
+"""Readers and writers for tsarank's data contracts (docs/design.md, section 3).
 
 Every reader validates its whole input before returning (or, for the streaming
 readers, line by line as it goes; call :func:`validate_jsonl` first to check a
@@ -27,13 +27,12 @@ import gzip
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from tsarank.atomic import atomic_open
 from tsarank.errors import DataError, describe
 
 __all__ = [
@@ -55,8 +54,6 @@ __all__ = [
     "read_weak_pairs",
     "parse_group",
     "read_groups",
-    "atomic_path",
-    "atomic_open",
     "RUN_SCORE_FORMAT",
 ]
 
@@ -667,56 +664,6 @@ def write_run(path: PathLike, run: Mapping[str, Iterable[tuple[str, float]]], ta
     with atomic_open(path) as fh:
         for qid, ranked in run.items():
             fh.writelines(format_run_lines(qid, ranked, tag=tag, top_k=top_k))
-
-
-@contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and move it onto ``path``.
-
-    For writers that want a file name (e.g. ``matplotlib.savefig``). On an
-    exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable; not supported everywhere
-        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-@contextmanager
-def atomic_open(path: PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO[Any]]:
-    """Open ``path`` for writing atomically (see :func:`atomic_path`).
-
-    Args:
-        path: Final file name.
-        mode: ``"w"`` (text, no newline translation) or ``"wb"``.
-        encoding: Text encoding.
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    with atomic_path(path) as tmp:
-        if mode == "wb":
-            fh = open(tmp, "xb")
-        else:
-            fh = open(tmp, "x", encoding=encoding, newline="")
-        with fh:
-            yield fh
 
 
 # --------------------------------------------------------------------------- rank_llm JSON

@@ -1,4 +1,4 @@
-"""Build SFT ranking groups (DESIGN.md section 3) with hard negatives from a first-stage ranking.
+"""Build SFT ranking groups (docs/design.md, section 3) with hard negatives from a first-stage ranking.
 
 Two sources of the first-stage ranking:
 
@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsarank.data.formats import Doc, PathLike, atomic_open, read_corpus, read_qrels, read_queries, read_run
+from tsarank.atomic import atomic_open
+from tsarank.data.formats import Doc, PathLike, read_corpus, read_qrels, read_queries, read_run
 from tsarank.errors import DataError
 
 __all__ = [

@@ -25,7 +25,7 @@ Every candidate pair then goes through, in order:
    ``val_fraction``, so the same text never lands on both sides and the split does not depend on input order.
 
 Outputs (written atomically into ``out``): ``train.jsonl`` and ``validation.jsonl`` with records
-``{"text", "query", "source", "id"}`` (the weak-pairs schema of DESIGN section 3; ``source``/``id`` say where a pair
+``{"text", "query", "source", "id"}`` (the weak-pairs schema of docs/design.md, section 3; ``source``/``id`` say where a pair
 came from), and ``stats.json`` with counts per source and per drop reason.
 """
 
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import DataError
-from .formats import PathLike, _get_id, _get_str, atomic_open, iter_jsonl, parse_group, read_corpus, read_qrels, read_queries
+from ..atomic import atomic_open
+from .formats import PathLike, _get_id, _get_str, iter_jsonl, parse_group, read_corpus, read_qrels, read_queries
 
 __all__ = ["Exclusions", "WeakPair", "build_weak_pairs", "normalise", "iter_corpus_pairs", "iter_group_pairs"]
 

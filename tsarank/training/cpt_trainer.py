@@ -1,8 +1,9 @@
 """Stage 1 (continual pre-training) loss and Trainer.
 
 The loss is next-token NLL on the labelled tokens (the query span, or the whole sequence with ``mask_source: false``)
-computed without ``[B, L, V]`` logits: the body runs once, the hidden states of the rows whose *next* token has a label
-are gathered, and the LM head is applied to those rows only::
+computed without ``[B, L, V]`` logits: the body runs once (on packed rows with ``packing``, :mod:`tsarank.packing`),
+the hidden states of the rows whose *next* token has a label are gathered, and the row head
+(:func:`tsarank.row_head.row_logprobs`) gives their log-probabilities in fp32::
 
     L = (1/N) * sum_{(b,t): labels[b, t+1] != -100} -log softmax(W h[b, t])[labels[b, t+1]]
 
@@ -21,10 +22,10 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from .data.collate import IGNORE_INDEX, model_attention_inputs
-from .losses import token_nll
-from .modeling import body_and_head, unwrap_model
-from .training import forward_hidden
+from ..data.collate import IGNORE_INDEX
+from ..modeling import body_and_head, forward_hidden, keep_anchor, logit_transform, model_inputs
+from ..row_head import row_logprobs
+from .checkpoints import SidecarMixin
 
 
 def selected_rows(
@@ -51,36 +52,63 @@ def selected_rows(
     raise ValueError(f"span must be 'labels' or 'query', got {span!r}")
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], span: str = "labels") -> tuple[torch.Tensor, int]:
-    """Mean next-token NLL over the selected tokens of a (padded or packed) batch, and their number.
+def causal_lm_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    span: str = "labels",
+    *,
+    packing: bool = False,
+    capacity: int | None = None,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token NLL over the selected tokens of a right-padded batch, and their number.
 
     Args:
         model: The model as the Trainer passes it (DeepSpeed engine, DDP, peft or plain causal LM).
         batch: A :class:`tsarank.data.collate.CPTCollator` batch on the model's device.
         span: ``"labels"`` or ``"query"`` (see :func:`selected_rows`).
+        packing: Run the body on packed rows (each pair attends only to itself; same values).
+        capacity: Packed row length for SDPA/eager (default: the batch's padded length).
+        pad_id: Fill value of packed rows' tails.
 
     Returns:
-        ``(loss, n_tokens)``; the loss is an fp32 scalar (0 with zero gradient when nothing is selected).
+        ``(loss, n_tokens)``; the loss is an fp32 scalar (0 with a zero gradient when nothing is selected). The head
+        runs once per call whatever the number of tokens, so every process makes the same collectives.
     """
-    lm = unwrap_model(model)
-    dtype = lm.get_input_embeddings().weight.dtype
-    attention_mask, position_ids = model_attention_inputs(batch, lm.config._attn_implementation, dtype)
-    hidden = forward_hidden(model, batch["input_ids"], attention_mask, position_ids)
-    b, t, targets = selected_rows(batch, span)
+    rows = model_inputs(model, batch["input_ids"], batch["attention_mask"], pack=packing, pad_id=pad_id,
+                        capacity=capacity)
+    hidden, anchor = forward_hidden(model, rows)
+    seq, pos, targets = selected_rows(batch, span)
     _, head = body_and_head(model)
-    logits = head(hidden[b, t])  # [N, V]: only the rows that predict a selected token
-    return token_nll(logits, targets), int(targets.numel())
+    lp, _ = row_logprobs(head, rows.gather(hidden, seq, pos), targets, transform=logit_transform(model))
+    loss = -lp.sum() / max(lp.numel(), 1)
+    return keep_anchor(loss, anchor, model), int(lp.numel())
 
 
-class CausalLMTrainer(Trainer):
+class CausalLMTrainer(SidecarMixin, Trainer):
     """``Trainer`` whose loss is :func:`causal_lm_loss` and whose evaluation reports the query perplexity.
 
     ``evaluate()`` returns ``eval_loss`` (mean NLL per query token on the validation split, whatever
     ``mask_source`` is) and ``eval_query_ppl = exp(eval_loss)``, summed over tokens and processes before dividing.
+
+    Args:
+        *args, **kwargs: As for ``Trainer``.
+        packing: Pack each batch's pairs into fewer rows (:mod:`tsarank.packing`).
+        packing_max_length: Packed row length for SDPA/eager (default: the longest pair of the batch).
     """
 
     # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps.
     loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, packing: bool = False, packing_max_length: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.packing = packing
+        self.packing_max_length = packing_max_length
+
+    def _loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], span: str) -> tuple[torch.Tensor, int]:
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        return causal_lm_loss(model, inputs, span, packing=self.packing, capacity=self.packing_max_length,
+                              pad_id=int(pad) if pad is not None else 0)
 
     def compute_loss(
         self,
@@ -89,7 +117,7 @@ class CausalLMTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        loss, _ = causal_lm_loss(model, inputs, span="labels")
+        loss, _ = self._loss(model, inputs, "labels")
         return (loss, None) if return_outputs else loss
 
     def evaluation_loop(
@@ -135,7 +163,7 @@ class CausalLMTrainer(Trainer):
                     real = k < len(batches)
                     feats = [dataset[i] for i in (batches[k] if real else [0])]
                     inputs = self._prepare_inputs(self.data_collator(feats))
-                    loss, n = causal_lm_loss(model, inputs, span="query")
+                    loss, n = self._loss(model, inputs, "query")
                     if real:
                         nll += loss.double() * n
                         count += n

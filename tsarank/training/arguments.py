@@ -2,8 +2,10 @@
 
 A stage entry point calls :func:`parse_stage_args` with its dataclasses. Values come from, in order of
 precedence: command-line flags, the ``--config`` YAML file, the dataclass defaults. Unknown keys (in YAML or on
-the command line) are errors that name the closest valid option; contradictory options are rejected by
-:func:`validate` with a message that says what to change.
+the command line) are errors that name the closest valid option. Each dataclass checks its own fields in
+``__post_init__`` (contradictions within a group included), so every way of building one (flags, YAML, Python)
+gets the same checks, with a message that says what to change; :class:`SFTArguments` delegates the loss options to
+:class:`tsarank.training.sft_loss.RankingLossConfig`, where they live.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
+
+
+class OptionError(ValueError):
+    """An invalid or contradictory option; the message says what to change. Entry points print it as one
+    ``error:`` line and exit with status 2."""
 
 
 @dataclass
@@ -44,6 +51,25 @@ class ModelArguments:
         default=0, metadata={"help": "train only the top N decoder blocks (+ final norm); 0 = train everything"}
     )
 
+    def __post_init__(self) -> None:
+        from ..backend import resolve_dtype
+
+        try:
+            resolve_dtype(self.dtype, "cpu")
+        except ValueError as exc:
+            raise OptionError(f"--dtype: {exc}") from None
+        if self.train_top_layers < 0:
+            raise OptionError(f"--train_top_layers must be >= 0 (0 = train every block), got {self.train_top_layers}")
+        if self.use_lora and self.train_top_layers:
+            raise OptionError(
+                "use_lora and train_top_layers are both set; they are alternative ways to limit the trained weights. "
+                "Fix: set train_top_layers: 0 to train LoRA adapters, or use_lora: false to train the top blocks."
+            )
+        if self.merge_lora and not self.use_lora:
+            raise OptionError("merge_lora: true needs use_lora: true (there is no adapter to merge). Fix: drop merge_lora.")
+        if self.use_lora and self.lora_r < 1:
+            raise OptionError(f"--lora_r must be >= 1, got {self.lora_r}")
+
 
 @dataclass
 class DataArguments:
@@ -63,6 +89,28 @@ class DataArguments:
     rank_eval_steps: int = field(default=0, metadata={"help": "re-rank and log nDCG@10 every N steps; 0 = off"})
     rank_eval_top_k: int = field(default=20, metadata={"help": "candidates per query for the ranking evaluation"})
     rank_eval_max_queries: int | None = field(default=None, metadata={"help": "cap on queries for that evaluation"})
+
+    def template(self, scoring_head: str = "query_likelihood"):
+        """The :class:`tsarank.prompts.PromptTemplate` of this run (saved in the sidecar, so scoring reproduces it).
+
+        For the ``last_token`` head the query-likelihood default source (which has no ``{query}``) becomes
+        RankLLaMA's prompt; a source of the user's own is kept.
+
+        Raises:
+            ValueError: A template that does not fit the head (say which placeholder is missing).
+        """
+        from ..prompts import LAST_TOKEN, PromptTemplate
+
+        budgets = dict(max_doc_tokens=self.max_doc_tokens, max_query_tokens=self.max_query_tokens)
+        try:
+            if scoring_head == LAST_TOKEN:
+                if self.template_source == DataArguments.__dataclass_fields__["template_source"].default:
+                    return PromptTemplate.last_token(**budgets)
+                return PromptTemplate(source=self.template_source, target="", scoring_head=LAST_TOKEN, **budgets)
+            return PromptTemplate(source=self.template_source, target=self.template_target, scoring_head=scoring_head,
+                                  **budgets)
+        except ValueError as exc:
+            raise OptionError(f"template: {exc}. Fix: --template_source / --template_target") from None
 
 
 @dataclass
@@ -87,6 +135,14 @@ class CPTArguments:
                   "training pairs) to this .pt file, to check that the saved checkpoint reloads identically"},
     )
 
+    def __post_init__(self) -> None:
+        if self.packing_max_length is not None:
+            if not self.packing:
+                raise OptionError("packing_max_length is set but packing is false. Fix: set packing: true or drop "
+                                 "packing_max_length.")
+            if self.packing_max_length < 1:
+                raise OptionError(f"--packing_max_length must be >= 1, got {self.packing_max_length}")
+
 
 @dataclass
 class SFTArguments:
@@ -110,6 +166,18 @@ class SFTArguments:
         default=None, metadata={"help": "start from this checkpoint (multi-stage fine-tuning); reference unchanged"}
     )
     negatives_seed_by_epoch: bool = field(default=True, metadata={"help": "re-sample negatives every epoch"})
+
+    def __post_init__(self) -> None:
+        try:
+            self.loss_config()  # the loss options are checked where they live, with their fix-it messages
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+
+    def loss_config(self, **overrides: Any):
+        """The :class:`tsarank.training.sft_loss.RankingLossConfig` of these options."""
+        from .sft_loss import RankingLossConfig
+
+        return RankingLossConfig.from_args(self, **overrides)
 
 
 @dataclass
@@ -145,16 +213,16 @@ def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
+        raise OptionError(f"--config {path}: no such file")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from e
+        raise OptionError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise OptionError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     for key in data:
         if key not in valid:
-            raise ValueError(unknown_key_message(key, valid, path))
+            raise OptionError(unknown_key_message(key, valid, path))
     return data
 
 
@@ -176,7 +244,7 @@ def parse_stage_args(types: Sequence[type], argv: Sequence[str] | None = None) -
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
+            raise OptionError("--config needs a YAML file path")
         config_path = argv[i + 1]
         del argv[i : i + 2]
     values = load_yaml(config_path, valid) if config_path else {}
@@ -188,16 +256,8 @@ def parse_stage_args(types: Sequence[type], argv: Sequence[str] | None = None) -
     *instances, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         bad = remaining[0].lstrip("-").split("=")[0]
-        raise ValueError(unknown_key_message(bad, valid, "command line"))
+        raise OptionError(unknown_key_message(bad, valid, "command line"))
     # The parser also returns a Namespace for --config itself; keep only the dataclass instances.
     return tuple(i for i in instances if isinstance(i, tuple(types)))
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a non-empty ``output_dir`` unless asked (``--overwrite_output_dir``) or resuming."""
-    p = Path(output_dir)
-    if p.exists() and any(p.iterdir()) and not (overwrite or resuming):
-        raise FileExistsError(
-            f"output_dir {output_dir} exists and is not empty. Fix: choose a new --output_dir, pass "
-            f"--resume_from_checkpoint to continue it, or --overwrite_output_dir true to write into it anyway."
-        )

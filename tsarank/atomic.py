@@ -1,0 +1,116 @@
+"""Atomic writes: a reader (or a crash) never sees half a file or half a checkpoint directory.
+
+Every writer in tsarank goes through this module:
+
+- :func:`atomic_path` yields a temporary file name beside the target and moves it into place on success (for
+  writers that want a path, e.g. ``matplotlib.savefig``);
+- :func:`atomic_open` opens that temporary file for you;
+- :func:`atomic_write_text` writes a string in one call;
+- :func:`atomic_directory` builds a whole directory (a merged checkpoint, the default model's cache) beside the
+  target and renames it into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+PathLike = str | os.PathLike
+
+__all__ = ["atomic_path", "atomic_open", "atomic_write_text", "atomic_directory"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable where the file system supports it."""
+    try:
+        fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and move it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_open(path: PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing atomically (see :func:`atomic_path`).
+
+    Args:
+        path: Final file name.
+        mode: ``"w"`` (text, no newline translation) or ``"wb"``.
+        encoding: Text encoding.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp:
+        fh = open(tmp, "xb") if mode == "wb" else open(tmp, "x", encoding=encoding, newline="")
+        with fh:
+            yield fh
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+@contextmanager
+def atomic_directory(final: PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``final``; on success it becomes ``final``.
+
+    Args:
+        final: The directory to create.
+        replace: An existing ``final`` is replaced (moved aside first, then deleted). With ``False`` an existing
+            ``final`` wins: the new directory is discarded (for caches that several processes may build at once).
+
+    Yields:
+        The temporary directory to fill. On an exception it is deleted and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; checkpoints and caches are meant to be shared
+        if final.exists() and replace:
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, final)  # atomic; fails when another process put a directory there meanwhile
+        except OSError:
+            if replace or not final.exists():
+                raise
+        _fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

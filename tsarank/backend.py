@@ -1,0 +1,121 @@
+"""Device, dtype and attention-backend choice: the rules every loader in tsarank follows.
+
+- **device**: ``None`` means CUDA when available, else CPU.
+- **dtype** ``"auto"``: bf16 where the device computes it natively (CUDA compute capability 8.0 or newer:
+  Ampere, Hopper, ...), fp32 otherwise. ``torch.cuda.is_bf16_supported()`` also counts emulation, which
+  would give V100 / T4 slow bf16; the capability is what decides here.
+- **attention** ``"auto"``: FlashAttention-2 when all of its conditions hold (the ``flash_attn`` package imports,
+  a CUDA device of capability 8.0 or newer, fp16/bf16 compute), SDPA otherwise. Asking for
+  ``"flash_attention_2"`` explicitly when a condition fails is an error that names the condition and the fix,
+  never a silent fallback.
+
+The device facts come from :func:`cuda_capability` and :func:`flash_attn_available` alone, so tests can
+emulate any GPU by replacing those two functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+__all__ = [
+    "FLASH_ATTENTION",
+    "flash_attn_available",
+    "cuda_capability",
+    "resolve_device",
+    "native_bf16",
+    "resolve_dtype",
+    "resolve_attn_implementation",
+]
+
+FLASH_ATTENTION = "flash_attention_2"
+#: FlashAttention-2 kernels exist for these compute dtypes only.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+#: FlashAttention-2 and native bf16 need an Ampere-or-newer GPU.
+MIN_CAPABILITY = (8, 0)
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def flash_attn_available() -> bool:
+    """True when the ``flash_attn`` package is installed."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability ``(major, minor)`` of a CUDA device; ``None`` for any other device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU; anything else goes through ``torch.device``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def native_bf16(device: torch.device | str | None) -> bool:
+    """True when ``device`` computes bf16 natively (CUDA capability >= 8.0)."""
+    cap = cuda_capability(resolve_device(device))
+    return cap is not None and cap >= MIN_CAPABILITY
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None) -> torch.dtype:
+    """The weights' dtype: an explicit name or ``torch.dtype`` as given; ``None``/``"auto"`` per the module rules.
+
+    Raises:
+        ValueError: An unknown name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or 'auto', got {dtype!r}")
+    return _DTYPE_NAMES[dtype]
+
+
+def resolve_attn_implementation(
+    requested: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None = None
+) -> str:
+    """The attention backend to load the model with.
+
+    Args:
+        requested: ``"auto"`` (or ``None``), ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, or any other name
+            transformers knows (passed through).
+        device: Where the model runs.
+        dtype: The compute dtype (the weights' dtype, or the autocast dtype when training with fp32 master weights
+            under ``--bf16``); ``None`` = :func:`resolve_dtype` ``"auto"``.
+
+    Raises:
+        ValueError: ``"flash_attention_2"`` requested where it cannot run; the message says why and what to do.
+    """
+    requested = requested or "auto"
+    dev = resolve_device(device)
+    compute = resolve_dtype(dtype, dev)
+    cap = cuda_capability(dev)
+    problems = []
+    if not flash_attn_available():
+        problems.append("the flash-attn package is not installed (pip install 'tsarank[gpu]' on a CUDA machine)")
+    if cap is None:
+        problems.append(f"it needs a CUDA device, the model runs on {dev.type}")
+    elif cap < MIN_CAPABILITY:
+        problems.append(f"it needs an Ampere-or-newer GPU (compute capability >= 8.0), this one is "
+                        f"{cap[0]}.{cap[1]}")
+    if compute not in FLASH_DTYPES:
+        problems.append(f"it computes in fp16/bf16 only, the model computes in {str(compute).replace('torch.', '')} "
+                        "(load with dtype='bfloat16', or train with --bf16)")
+    if requested == "auto":
+        return "sdpa" if problems else FLASH_ATTENTION
+    if requested == FLASH_ATTENTION and problems:
+        raise ValueError(
+            "attn_implementation='flash_attention_2' cannot run here: " + "; ".join(problems)
+            + ". Fix: attn_implementation='auto' picks SDPA where FlashAttention-2 cannot run."
+        )
+    return requested
