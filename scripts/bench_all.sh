@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run tsarank's CPU benchmarks and write BENCHMARKS.md (atomically; only when every benchmark finished).
 #
-#   bash scripts/bench_all.sh                     # all four, with the scripts' default settings
+#   bash scripts/bench_all.sh                     # all five, with the scripts' default settings
 #   OUT=/tmp/B.md bash scripts/bench_all.sh       # write elsewhere
 #   SCORE_ARGS="--repeats 5" CPT_ARGS="--steps 4" SFT_ARGS="--repeats 3" bash scripts/bench_all.sh
 #   ONLY="score cpt" bash scripts/bench_all.sh    # a subset (BENCHMARKS.md then shows only those)
@@ -16,21 +16,22 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-BENCHMARKS.md}
-ONLY=${ONLY:-score cpt sft trunk}
+ONLY=${ONLY:-score cpt sft trunk zero3}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 LOG_DIR=${LOG_DIR:-outputs/bench_logs/$STAMP}
 
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB_OFFLINE=1
 
 declare -A SCRIPT=([score]=scripts/bench_score.py [cpt]=scripts/bench_cpt.py [sft]=scripts/bench_sft_step.py
-                  [trunk]=scripts/bench_shared_trunk.py)
-declare -A ARGS=([score]="${SCORE_ARGS:-}" [cpt]="${CPT_ARGS:-}" [sft]="${SFT_ARGS:-}" [trunk]="${TRUNK_ARGS:-}")
+                  [trunk]=scripts/bench_shared_trunk.py [zero3]=scripts/bench_zero3_step.py)
+declare -A ARGS=([score]="${SCORE_ARGS:-}" [cpt]="${CPT_ARGS:-}" [sft]="${SFT_ARGS:-}" [trunk]="${TRUNK_ARGS:-}"
+                 [zero3]="${ZERO3_ARGS:-}")
 
 started=$(date -u "+%Y-%m-%d %H:%M UTC")
 loadavg=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?")
 for name in $ONLY; do
     if [[ -z "${SCRIPT[$name]:-}" ]]; then
-        echo "bench_all: unknown benchmark '$name' in ONLY (expected: score cpt sft trunk)" >&2
+        echo "bench_all: unknown benchmark '$name' in ONLY (expected: score cpt sft trunk zero3)" >&2
         exit 2
     fi
 done

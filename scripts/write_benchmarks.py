@@ -10,7 +10,7 @@ saved logs::
         --result sft   outputs/bench_logs/sft.log   "python scripts/bench_sft_step.py" \\
         --out BENCHMARKS.md
 
-Each ``--result NAME LOG COMMAND`` names a benchmark (``score``, ``cpt``, ``sft`` or ``trunk``), the file holding its output
+Each ``--result NAME LOG COMMAND`` names a benchmark (``score``, ``cpt``, ``sft``, ``trunk`` or ``zero3``), the file holding its output
 (the last line starting with ``RESULT `` is used) and the exact command that produced it. Every figure is shown
 next to its baseline, measured in the same process (the benchmarks' own design), as a ratio; the machine
 description (CPU model, cores, RAM, torch version, date) is collected here, so run this on the benchmark machine.
@@ -30,9 +30,10 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from tsarank.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench_all:begin -->", "<!-- bench_all:end -->"
@@ -201,11 +202,40 @@ def trunk_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
     return table(rows), headline, setup
 
 
+def zero3_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_zero3_step.py``: an SFT step under ZeRO-3 on 2 processes vs 1 process without DeepSpeed."""
+    z, s = "zero3_2proc", "single"
+    groups_per_s = div(2 / r[f"median_step_s_{z}"], 1 / r[f"median_step_s_{s}"]) if r.get(f"median_step_s_{z}") else None
+    rows: list[Row] = [
+        ("step time per process, s", num(r.get(f"median_step_s_{z}")), num(r.get(f"median_step_s_{s}")),
+         ratio(r.get("step_time_ratio")), "ZeRO-3 process / single process, one group each (lower is better)"),
+        ("groups trained per second, all processes", "", "", ratio(groups_per_s),
+         "2 ZeRO-3 processes / 1 process (higher is better)"),
+        ("peak RSS per process, MB", num(r.get(f"peak_rss_mb_{z}")), num(r.get(f"peak_rss_mb_{s}")),
+         ratio(r.get("peak_rss_ratio")), "ZeRO-3 / single (lower is better)"),
+        ("RSS growth while training, MB", num(r.get(f"rss_growth_mb_{z}")), num(r.get(f"rss_growth_mb_{s}")),
+         ratio(r.get("rss_growth_ratio")), "above the level after loading (weights, gradients, Adam, activations)"),
+        ("RSS after loading, MB", num(r.get(f"rss_at_train_start_mb_{z}")), num(r.get(f"rss_at_train_start_mb_{s}")),
+         ratio(div(r.get(f"rss_at_train_start_mb_{z}"), r.get(f"rss_at_train_start_mb_{s}"))),
+         "policy + sharded reference + DeepSpeed runtime vs policy + reference"),
+    ]
+    setup = (f"One SFT step (L_rank + L_gen + L_dp, separate frozen reference) of the default model, blocks trained: "
+             f"{'all' if not r.get('train_top_layers') else 'top ' + str(r['train_top_layers'])}, fp32 AdamW, one group of "
+             f"G = {r.get('group_size', '?')} MS MARCO passages per process and step, {r.get('threads_per_process', 1)} "
+             f"thread per process, median of {r.get('steps', '?')} - 1 steps (the first is warm-up). tsarank: DeepSpeed "
+             "ZeRO-3 on 2 CPU processes (gloo), query lengths differing per rank. Baseline: 1 process, no DeepSpeed.")
+    headline = [f"ZeRO-3 SFT step on 2 CPU processes: {ratio(r.get('step_time_ratio'))} the step time and "
+                f"{ratio(r.get('peak_rss_ratio'))} the peak memory of one process without DeepSpeed, per process "
+                f"({ratio(groups_per_s)} the groups per second of all processes)"]
+    return table(rows), headline, setup
+
+
 SECTIONS: dict[str, tuple[str, str, Callable[[dict[str, Any]], tuple[str, list[str], str]]]] = {
     "score": ("Scoring (inference)", "scripts/bench_score.py", score_section),
     "cpt": ("Stage 1 (CPT) training throughput", "scripts/bench_cpt.py", cpt_section),
     "sft": ("Stage 2 (SFT) step: memory and time", "scripts/bench_sft_step.py", sft_section),
     "trunk": ("Evaluating checkpoints that share frozen blocks", "scripts/bench_shared_trunk.py", trunk_section),
+    "zero3": ("Stage 2 (SFT) step under DeepSpeed ZeRO-3, 2 processes", "scripts/bench_zero3_step.py", zero3_section),
 }
 
 
@@ -304,21 +334,6 @@ def merge(existing: str | None, block: str) -> str:
     return TITLE + "\n" + block + "\n" + existing
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path = path.resolve()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -346,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     existing = out.read_text(encoding="utf-8") if out.is_file() else None
-    atomic_write(out, merge(existing, block))
+    atomic_write_text(out, merge(existing, block))
     print(f"wrote {out}")
     return 0
 

@@ -125,7 +125,7 @@ SFT_KILL_HARNESS = textwrap.dedent("""
     # The Trainer saves after on_step_end, so the checkpoints due before step KILL_AT are on disk, later ones not.
     import os, signal, sys
     from transformers import TrainerCallback
-    import tsarank.training.callbacks as training
+    from tsarank.training import sft  # the code behind sys.argv[1] (sft/train.py)
 
     KILL_AT = int(sys.argv[2])
 
@@ -134,11 +134,7 @@ SFT_KILL_HARNESS = textwrap.dedent("""
             if state.global_step == KILL_AT:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    _attach = training.attach_callbacks
-    training.attach_callbacks = lambda trainer, callbacks=(): _attach(trainer, [*callbacks, Kill()])
-    from tsarank.training import sft  # the code behind sys.argv[1] (sft/train.py)
-
-    sys.exit(sft.main(sys.argv[3:]))
+    sys.exit(sft.main(sys.argv[3:], extra_callbacks=[Kill()]))
 """)
 
 RERANK_KILL_HARNESS = textwrap.dedent("""

@@ -223,8 +223,9 @@ def parse_args(argv: Sequence[str] | None = None):
     return parse_stage_args(ARG_TYPES, argv)
 
 
-def train(argv: Sequence[str] | None = None) -> SFTResult:
-    """Run stage 2 end to end (see the module docstring)."""
+def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> SFTResult:
+    """Run stage 2 end to end (see the module docstring). ``extra_callbacks`` are added to the Trainer (tests and
+    benchmarks use them to interrupt or time a run)."""
     model_args, data_args, sft_args, training_args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if training_args.should_log else logging.WARNING,
@@ -300,7 +301,7 @@ def train(argv: Sequence[str] | None = None) -> SFTResult:
         "data": {"train_files": files, "groups": len(records), "train_group_size": sft_args.train_group_size},
     }
     trainer.tsarank_sidecar = sidecar_for(template, STAGE, model_args, extra)  # also in every checkpoint-N
-    attach_callbacks(trainer, callbacks)
+    attach_callbacks(trainer, [*callbacks, *extra_callbacks])
 
     # 5. Train; save the checkpoint with its sidecar, head and card; push.
     trainer.train(resume_from_checkpoint=resume)
@@ -336,11 +337,11 @@ def _copy_head(output_dir: str, load_dir: str) -> None:
         shutil.copy2(src, Path(load_dir) / HEAD_WEIGHTS)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
     """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
     the NaN guard's message exits with status 1."""
     try:
-        result = train(argv)
+        result = train(argv, extra_callbacks)
     except (OptionError, DataError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
