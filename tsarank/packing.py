@@ -164,8 +164,8 @@ def pack_sequences(
         attention_mask: ``[R, L]``, 1 on each sequence's tokens (a prefix of the row).
         pad_id: Fill value of row tails (SDPA/eager rows that are not full).
         attn_implementation: The model's ``config._attn_implementation``.
-        capacity: Row length for SDPA/eager (at least ``L``; default ``L``). Ignored by varlen FlashAttention,
-            whose single row costs attention only within each sequence.
+        capacity: Most tokens per row for SDPA/eager (at least ``L``; default ``L``); rows are as wide as the fullest
+            one. Ignored by varlen FlashAttention, whose single row costs attention only within each sequence.
         mask_dtype: Dtype of eager attention's additive mask (the model's compute dtype).
 
     Raises:
@@ -195,8 +195,7 @@ def pack_sequences(
         assert ids.shape[1] == total
         return ModelInputs(ids, None, positions, zeros, starts[:-1].clone(), flash)
 
-    width = max(int(capacity or 0), input_ids.shape[1])
-    rows = plan_rows(lengths, width)
+    rows = plan_rows(lengths, max(int(capacity or 0), input_ids.shape[1]))
     seq_row = [0] * len(lengths)
     seq_offset = [0] * len(lengths)
     used = []
@@ -206,6 +205,7 @@ def pack_sequences(
             seq_row[i], seq_offset[i] = r, at
             at += lengths[i]
         used.append(at)
+    width = max(used)  # as wide as the fullest row, not the capacity: no all-padding columns
     seq_row_t = torch.tensor(seq_row, dtype=torch.long, device=device)
     seq_offset_t = torch.tensor(seq_offset, dtype=torch.long, device=device)
     used_t = torch.tensor(used, dtype=torch.long, device=device)
