@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tsarank.data.mining import add_groups_arguments, run_groups
+from tsarank.commands.groups import add_groups_arguments, run_groups
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 
 from tsarank.data.formats import read_corpus, read_groups, read_qrels, read_queries, write_run
-from tsarank.data.mining import (
-    add_groups_arguments,
-    groups_from_run,
-    mine_bm25_groups,
-    run_groups,
-    select_negatives,
-    write_groups,
-)
+from tsarank.commands.groups import add_groups_arguments, run_groups
+from tsarank.data.mining import groups_from_run, mine_bm25_groups, select_negatives, write_groups
 from tsarank.errors import DataError
 from tsarank.retrieval import bm25_retrieve
 

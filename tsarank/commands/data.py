@@ -81,14 +81,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                          description=WEAK_PAIRS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_weak_pairs_arguments(wp)
     wp.set_defaults(func=run_weak_pairs)
-    try:  # owned by the stage-2 data code; registered only when present
-        from ..data import mining
-    except ImportError:
-        mining = None
-    if mining is not None:
-        g = dsub.add_parser("groups", help="ranking groups with hard negatives for stage 2 (SFT)")
-        mining.add_groups_arguments(g)
-        g.set_defaults(func=mining.run_groups)
+    from .groups import add_groups_arguments, run_groups
+
+    g = dsub.add_parser("groups", help="ranking groups with hard negatives for stage 2 (SFT)")
+    add_groups_arguments(g)
+    g.set_defaults(func=run_groups)
 
     def _usage(args: argparse.Namespace) -> int:
         p.print_help()
