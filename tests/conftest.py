@@ -61,6 +61,17 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module (restored afterwards). Tiny models are latency-bound, and on a busy 2-core
+    machine two OpenMP threads spin-wait on each other (measured: 24 s instead of 0.4 s for one test); subprocesses
+    get OMP_NUM_THREADS=1 for the same reason. Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "cpt" / "train.py"
 DL19 = "trec-dl-passage/bm25_top100/retrieve_results_dl19.json"
@@ -31,16 +33,6 @@ PAIRS = [
     ("largest city", "The largest city of France is Paris."),
     ("energy of the cell", "Cells produce energy in their mitochondria."),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The in-process scoring here (Ranker, reloads) runs on a shared, busy CPU where two OpenMP threads spin-wait on
-    each other; one thread is faster. The subprocesses get OMP_NUM_THREADS=1 for the same reason."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from tsarank.errors import DataError
 from tsarank.prompts import PromptTemplate, encode_pairs
 from tsarank.training.cpt_trainer import causal_lm_loss
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy CPU two OpenMP threads spin-wait on
-    each other (measured here: 24 s instead of 0.4 s for one test). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEMPLATE = PromptTemplate(max_doc_tokens=64, max_query_tokens=16)

@@ -20,6 +20,8 @@ from tsarank.backend import flash_attn_available, resolve_attn_implementation
 from tsarank.modeling import LastTokenHead
 from tsarank.prompts import PromptTemplate, encode_pairs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUERY = "what is the capital of france"
 DOCS = [
     "Paris is the capital and largest city of France.",
@@ -30,15 +32,6 @@ DOCS = [
     "Mount Everest is 8,849 metres above sea level.",
     "France",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: one intra-op thread is several times faster than two on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

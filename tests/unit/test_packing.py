@@ -13,15 +13,9 @@ from tsarank.modeling import body_and_head, forward_hidden, model_inputs
 from tsarank.packing import block_causal_mask, can_pack, pack_sequences, padded_inputs, plan_rows
 from tsarank.row_head import row_logprobs, target_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATTENTION = ["sdpa", "eager", "flash_attention_2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,14 +20,7 @@ from tsarank.training.checkpoints import check_output_dir, resolve_resume_checkp
 from tsarank.training.cpt_trainer import CausalLMTrainer
 from tsarank.training.model_setup import count_parameters, prepare_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy CPU two OpenMP threads spin-wait on
-    each other (measured here: 24 s instead of 0.4 s for one test). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Tiny Llama of conftest: hidden 32, intermediate 64, 3 layers, 4 heads (head_dim 8), 2 KV heads.
