@@ -23,7 +23,7 @@ from torch import nn
 from .backend import resolve_attn_implementation, resolve_device, resolve_dtype
 from .packing import ModelInputs, can_pack, pack_sequences, padded_inputs
 from .row_head import LogitTransform, row_logprobs, segment_mean, target_rows
-from .wrappers import unwrap_model
+from .wrappers import call_as_forward, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ __all__ = [
     "body_and_head",
     "logit_transform",
     "supports_packing",
+    "check_packing",
     "model_inputs",
     "forward_hidden",
     "keep_anchor",
@@ -107,6 +108,22 @@ def supports_packing(model: nn.Module) -> bool:
     return uses_masking_utils and can_pack(getattr(lm.config, "_attn_implementation", None))
 
 
+def check_packing(model: nn.Module) -> None:
+    """Raise when :func:`supports_packing` says no, saying what to change.
+
+    Raises:
+        ValueError: Packing was asked for a model whose attention cannot keep packed sequences apart.
+    """
+    if not supports_packing(model):
+        lm = unwrap_model(model)
+        raise ValueError(
+            f"packing needs FlashAttention-2 (varlen) or SDPA/eager (4D block mask) on a model that builds its masks "
+            f"with transformers.masking_utils; this one is {type(lm).__name__} with attn_implementation="
+            f"{getattr(lm.config, '_attn_implementation', None)!r}. Fix: turn packing off, or load the model with "
+            "attn_implementation 'sdpa' (or 'flash_attention_2' on CUDA)."
+        )
+
+
 def model_inputs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -123,12 +140,7 @@ def model_inputs(
     """
     if not pack or bool(attention_mask.all()):
         return padded_inputs(input_ids, attention_mask)
-    if not supports_packing(model):
-        attn = getattr(unwrap_model(model).config, "_attn_implementation", None)
-        raise ValueError(
-            f"packing is not supported for {type(unwrap_model(model)).__name__} with attn_implementation={attn!r}. "
-            "Fix: turn packing off, or load the model with attn_implementation 'sdpa' (or 'flash_attention_2')."
-        )
+    check_packing(model)
     lm = unwrap_model(model)
     packed = pack_sequences(
         input_ids, attention_mask, pad_id=pad_id, attn_implementation=lm.config._attn_implementation,
@@ -233,17 +245,34 @@ class LastTokenHead(nn.Module):
         self.linear = nn.Linear(hidden_size, 1)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows [B, H]`` (the last tokens' hidden states) -> scores ``[B]`` fp32, computed in fp32."""
-        with torch.autocast(device_type=rows.device.type, enabled=False):
-            w = self.linear.weight.float()
-            b = self.linear.bias.float() if self.linear.bias is not None else None
-            return nn.functional.linear(rows.float(), w, b).squeeze(-1)
+        """``rows [B, H]`` (the last tokens' hidden states) -> scores ``[B]``, computed in fp32.
 
-    def save(self, directory: str) -> None:
+        The linear layer is called as a module (with an fp32 forward), so ZeRO-3 gathers its weights for the call.
+        """
+        linear = self.linear
+
+        def fp32_linear(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                bias = linear.bias.float() if linear.bias is not None else None
+                return nn.functional.linear(x.float(), linear.weight.float(), bias)
+
+        return call_as_forward(linear, fp32_linear, rows).squeeze(-1)
+
+    def save(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``tsarank_head.safetensors`` (fp32) into ``directory``, atomically.
+
+        Args:
+            directory: A checkpoint directory.
+            state_dict: The head's tensors (``linear.weight``, ``linear.bias``) when they come from elsewhere (a
+                consolidated ZeRO-3 state dict); default this module's own.
+        """
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()},
-                  f"{directory}/{HEAD_WEIGHTS}")
+        from .atomic import atomic_path
+
+        tensors = state_dict if state_dict is not None else self.state_dict()
+        with atomic_path(f"{directory}/{HEAD_WEIGHTS}") as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
     @classmethod
     def load(cls, directory: str, hidden_size: int) -> "LastTokenHead":

@@ -8,27 +8,31 @@ one implementation, and it never materialises ``[batch, seq, vocab]`` logits.
 What it guarantees:
 
 - **fp32**: logits, softmax and KL are computed in fp32 whatever the weights' dtype (a bf16 logit carries ~0.06
-  of rounding error at |z| ~ 20, enough to move ``exp(s) / 0.001`` by more than 1). Autocast is off inside.
+  of rounding error at |z| ~ 20, enough to move ``exp(s) / 0.001`` by more than 1). Autocast is off inside. The
+  price with bf16/fp16 weights is an fp32 copy of the head weight while the head runs (``4 * V * H`` bytes, in the
+  forward and again in the backward; 0.11 GB for SmolLM2's 49k x 576 head, 2.2 GB for a 152k x 3584 one).
 - **Memory**: rows go through the head in chunks of about 8 MiB of fp32 logits, and for a plain ``nn.Linear``
   head the backward is hand-written (:class:`_RowHeadFn`): nothing but the inputs is saved, each chunk's logits
-  are recomputed, and the weight gradient is ONE ``[V, H]`` buffer.
+  are recomputed, and the weight gradient is accumulated in one fp32 ``[V, H]`` buffer for all chunks (autograd
+  would hold one per chunk).
 - **DeepSpeed ZeRO-3**: the head is called through its module (``head(...)``, with the fused function as its
   forward), so ZeRO-3's module hooks gather the partitioned weight before the forward and again before the
   backward, and hand the gradient back to the partition, exactly as for any ``nn.Linear``. The number of
   collectives does not depend on the number of rows: one module call per :func:`row_logprobs` call, one gather of
   a partitioned reference head in the forward and one in the backward. Every process must therefore make the same
   number of :func:`row_logprobs` calls, which the training loops do (one per step, even with zero rows).
-- **Other heads** (a LoRA-wrapped ``lm_head``, a quantized head) go through autograd: chunked and checkpointed, or,
-  when the head's weights are ZeRO-3 partitioned, in one call over all rows (a checkpoint's recomputation would
-  run after ZeRO-3 released the gathered weight, and per-chunk calls would give ranks different collective counts).
+- **Other heads** (a LoRA-wrapped ``lm_head``, a quantized head) go through autograd in the head's own dtype:
+  chunked and checkpointed, or, when the head's weights are ZeRO-3 partitioned, in one call over all rows (a
+  checkpoint's recomputation would run after ZeRO-3 released the gathered weight, and per-chunk calls would give
+  ranks different collective counts); that call holds every row's ``[V]`` logits, so keep LoRA off ``lm_head``
+  under ZeRO-3 (the default targets leave it alone).
 
 Definitions, per row ``n`` with logits ``z_n = transform(W h_n + b)`` (:class:`LogitTransform`)::
 
     lp_n = log softmax(z_n)[target_n]
     kl_n = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)),   p_ref = softmax(transform(W_ref h_ref_n + b_ref))
 
-(entries with ``p_ref = 0`` contribute 0; :func:`tsarank.losses.kl_ref_policy` is the same quantity on full
-logits).
+(entries with ``p_ref = 0`` contribute 0).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .wrappers import full_shape, is_zero3_param
+from .wrappers import call_as_forward, full_shape, is_zero3_param
 
 __all__ = [
     "ReferenceHead",
@@ -242,22 +246,6 @@ class _RowHeadFn(torch.autograd.Function):
         return d_h, d_w, d_b, None, None, None, None, None
 
 
-@contextlib.contextmanager
-def _forward_as(module: nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
-    """Run ``module(...)`` with ``fn`` as its forward for the block: the module's hooks (ZeRO-3 gathering, accelerate
-    offloading) apply to the call as to any other."""
-    had = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
-    module.forward = fn  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        if had:
-            module.forward = old
-        else:
-            del module.forward
-
-
 def _autograd_rows(
     head: nn.Module, h: torch.Tensor, targets: torch.Tensor, ref_h: torch.Tensor | None,
     ref_weights: Callable[[], ContextManager[RefWeights | None]] | None, chunk: int, transform: LogitTransform,
@@ -334,5 +322,4 @@ def row_logprobs(
     def fused(h: torch.Tensor, t: torch.Tensor, rh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return _RowHeadFn.apply(h, head.weight, head.bias, rh, t, chunk, transform, ref_weights)
 
-    with _forward_as(head, fused):
-        return head(hidden, targets, ref_hidden)
+    return call_as_forward(head, fused, hidden, targets, ref_hidden)

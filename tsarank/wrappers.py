@@ -8,7 +8,7 @@ this process's shard; its full tensor exists between a gather and the matching r
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -21,6 +21,7 @@ __all__ = [
     "zero3_enabled",
     "gathered",
     "full_shape",
+    "call_as_forward",
 ]
 
 
@@ -88,3 +89,23 @@ def gathered(params: Iterable[Any], modifier_rank: int | None = None) -> Iterato
 
     with deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank):
         yield
+
+
+def call_as_forward(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``module(*args)`` with ``fn`` standing in for its forward.
+
+    The module's hooks wrap the call as any other: under ZeRO-3 they gather the module's partitioned parameters before
+    ``fn`` runs and again before its backward, and hand the gradients back to the partitions; accelerate's offload
+    hooks move the weights in. ``fn`` reads the parameters from ``module`` (``module.weight``), which only hold their
+    full values inside such a call.
+    """
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn  # an instance attribute shadows the class's forward
+    try:
+        return module(*args)
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward

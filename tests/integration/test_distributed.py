@@ -3,7 +3,9 @@
 - Both stages under DeepSpeed ZeRO-3 on 2 CPU processes with the **real default model** (49,152-token vocabulary,
   so the head runs in several chunks) and per-rank work that differs (short queries on one rank, long ones on the
   other; packed CPT rows of different lengths), under a timeout: the losses and the updated weights equal one
-  process without DeepSpeed that sees the same batches (gradient accumulation 2, sequential sampling).
+  process without DeepSpeed that sees the same batches (gradient accumulation 2, sequential sampling). SFT trains
+  every weight (the tied LM head's gradient goes through ZeRO-3) with activation checkpointing; CPT the top blocks.
+- The same comparison on a tiny model for the last-token head and for LoRA (adapter-off reference).
 - Teacher scores stay fp32 under DeepSpeed bf16.
 - The NaN guard's collective uses a tensor on the model's device and synchronises the host once per step (2 gloo
   processes; the default device is set elsewhere, as a GPU run's CPU default is not the model's CUDA device).
@@ -83,16 +85,22 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k).float() for k in f.keys()}
 
 
-def _assert_same_training(zero3_out: Path, single_out: Path, start: Path, lr: float, keys: tuple[str, ...]) -> None:
-    """Same logged losses, and the same update of every trained tensor (relative to the update's own size)."""
+def _assert_same_losses(zero3_out: Path, single_out: Path, keys: tuple[str, ...], steps: int = 2) -> None:
     h3, h1 = _history(zero3_out), _history(single_out)
-    assert len(h3) == len(h1) == 2
+    assert len(h3) == len(h1) == steps
     for a, b in zip(h3, h1):
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=2e-4, abs=2e-6), (key, h3, h1)
+
+
+def _assert_same_training(zero3_out: Path, single_out: Path, start: Path, lr: float, keys: tuple[str, ...],
+                          first_trained_block: int) -> None:
+    """Same logged losses, and the same update of every trained tensor (relative to the update's own size)."""
+    _assert_same_losses(zero3_out, single_out, keys)
     w3, w1, w0 = _weights(zero3_out), _weights(single_out), _weights(start)
     trained = [k for k in w1 if not torch.equal(w1[k], w0[k])]
-    assert any(".layers.29." in k for k in trained) and not any(".layers.0." in k for k in trained)
+    assert any(f".layers.{first_trained_block}." in k for k in trained) and ".layers.29.mlp.up_proj.weight" in str(trained)
+    assert not any(f".layers.{first_trained_block - 1}." in k for k in trained)
     for k in w1:
         d3, d1 = w3[k] - w0[k], w1[k] - w0[k]
         # Adam moves a trained element by up to about lr (measured: 1e-6 .. 3e-6 apart at lr 1e-4, where a gradient
@@ -117,15 +125,19 @@ def _groups_with_uneven_queries(shared_data: Path, path: Path) -> Path:
 
 
 def test_sft_zero3_two_processes_equal_one_process(shared_data, default_model_dir, tmp_path):
+    """Every weight trained (the tied embedding / LM head included: the fused head's weight gradient goes back to its
+    ZeRO-3 partition), with activation checkpointing, a sharded reference, and uneven head rows per rank."""
     groups = _groups_with_uneven_queries(shared_data, tmp_path / "groups.jsonl")
-    opts = dict(COMMON, train_file=groups, train_group_size=8, per_device_train_batch_size=1,
-                score_transform="logprob", temperature=1.0, lambda_gen=1.0, gen_span="all", lambda_dp=1.0,
-                dp_span="all")
+    opts = dict(COMMON, train_file=groups, train_group_size=8, per_device_train_batch_size=1, train_top_layers=0,
+                activation_checkpointing="true", score_transform="logprob", temperature=1.0, lambda_gen=1.0,
+                gen_span="all", lambda_dp=1.0, dp_span="all")
     log = _zero3("sft/train.py", tmp_path, dict(opts, output_dir=tmp_path / "zero3"))
     assert "reference for L_dp: separate, ZeRO-3 sharded" in log
     _single("sft", tmp_path, dict(opts, output_dir=tmp_path / "single"))
     _assert_same_training(tmp_path / "zero3", tmp_path / "single", default_model_dir, 1e-4,
-                          ("loss", "loss_rank", "loss_gen", "loss_dp"))
+                          ("loss", "loss_rank", "loss_gen", "loss_dp"), first_trained_block=0)
+    w1, w0 = _weights(tmp_path / "single"), _weights(default_model_dir)
+    assert not torch.equal(w1["model.embed_tokens.weight"], w0["model.embed_tokens.weight"])  # the head trained
     assert _history(tmp_path / "single")[1]["loss_dp"] > 0  # the reference really was compared with
 
 
@@ -135,7 +147,57 @@ def test_cpt_zero3_two_processes_equal_one_process(shared_data, default_model_di
                 packing_max_length=256, eval_strategy="no")
     _zero3("cpt/train.py", tmp_path, dict(opts, output_dir=tmp_path / "zero3"))
     _single("cpt", tmp_path, dict(opts, output_dir=tmp_path / "single"))
-    _assert_same_training(tmp_path / "zero3", tmp_path / "single", default_model_dir, 1e-4, ("loss",))
+    _assert_same_training(tmp_path / "zero3", tmp_path / "single", default_model_dir, 1e-4, ("loss",),
+                          first_trained_block=28)
+
+
+TOPICS = [
+    ("what is the capital of france", "Paris is the capital and largest city of France."),
+    ("banana fruit", "Bananas are an elongated edible fruit produced by several kinds of plants."),
+    ("what do mitochondria do and why are they called the powerhouse", "The mitochondria is the powerhouse of the cell."),
+    ("everest", "Mount Everest is 8,849 metres above sea level."),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """A saved tiny Llama and 4 groups (short and long queries alternate, so the two ranks differ)."""
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_zero3")
+    tok = build_tiny_tokenizer()
+    build_tiny_llama(len(tok), seed=3, tie_word_embeddings=False).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "groups.jsonl", "w") as f:
+        for i, (query, positive) in enumerate(TOPICS):
+            negatives = [{"text": text} for j, (_, text) in enumerate(TOPICS) if j != i]
+            f.write(json.dumps({"query": query, "positive_passages": [{"text": positive}],
+                                "negative_passages": negatives}) + "\n")
+    return root / "model", root / "groups.jsonl"
+
+
+@pytest.mark.parametrize("variant", ["last_token", "lora"])
+def test_sft_zero3_head_and_lora_variants_equal_one_process(tiny_setup, tmp_path, variant):
+    """The last-token head (its Linear gathered by ZeRO-3 when called) and LoRA (the reference is the policy with its
+    adapters off, run inside the engine's partitioned modules) train under ZeRO-3 as in one process."""
+    model, groups = tiny_setup
+    opts = dict(COMMON, model_name_or_path=model, train_file=groups, train_group_size=4, train_top_layers=0,
+                per_device_train_batch_size=1, max_doc_tokens=48, max_query_tokens=16, learning_rate=1e-3,
+                score_transform="logprob", temperature=1.0, lambda_gen=1.0, gen_span="all", lambda_dp=1.0,
+                dp_span="all")
+    if variant == "last_token":
+        opts.update(scoring_head="last_token")
+    else:
+        opts.update(use_lora="true", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    _zero3("sft/train.py", tmp_path, dict(opts, output_dir=tmp_path / "zero3"))
+    _single("sft", tmp_path, dict(opts, output_dir=tmp_path / "single"))
+    _assert_same_losses(tmp_path / "zero3", tmp_path / "single", ("loss", "loss_rank", "loss_gen", "loss_dp"))
+    files = ["tsarank_head.safetensors"] if variant == "last_token" else ["adapter_model.safetensors"]
+    for name in files:
+        with safe_open(str(tmp_path / "zero3" / name), "pt") as f3, safe_open(str(tmp_path / "single" / name), "pt") as f1:
+            assert set(f3.keys()) == set(f1.keys()) and f1.keys()
+            for k in f1.keys():
+                torch.testing.assert_close(f3.get_tensor(k).float(), f1.get_tensor(k).float(), atol=1e-4, rtol=1e-3)
 
 
 TEACHER_SCRIPT = textwrap.dedent('''
