@@ -113,7 +113,7 @@ def build_batch(tokenizer, seed: int = 0):
                     "positive_passages": [{"title": "", "text": text}],
                     "negative_passages": [{"title": "", "text": text[i:]} for i in range(G)]}]
     dataset = GroupDataset(records, G, seed=seed)
-    return GroupCollator(tokenizer, template, G, gen_span="all", dp_span="all")([dataset[0]])
+    return GroupCollator(tokenizer, template, G)([dataset[0]])
 
 
 def load_models(device: str):

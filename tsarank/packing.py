@@ -171,12 +171,9 @@ def pack_sequences(
     Raises:
         ValueError: An attention implementation that cannot keep packed sequences apart.
     """
-    if not can_pack(attn_implementation):
-        raise ValueError(
-            f"packing needs FlashAttention-2/3 (varlen) or SDPA/eager (4D block mask); this model uses "
-            f"attn_implementation={attn_implementation!r}. Fix: turn packing off, or load the model with "
-            "attn_implementation 'sdpa' (or 'flash_attention_2' on CUDA)."
-        )
+    if not can_pack(attn_implementation):  # models are checked first by tsarank.modeling.check_packing
+        raise ValueError(f"no packed layout keeps sequences apart under attn_implementation={attn_implementation!r}; "
+                         f"supported: {VARLEN_ATTENTION + MASKED_ATTENTION}")
     device = input_ids.device
     lengths_t = attention_mask.sum(dim=1)
     lengths = lengths_t.tolist()

@@ -212,5 +212,3 @@ def test_collator_checks(tiny_tokenizer):
     col = GroupCollator(tiny_tokenizer, PromptTemplate(), group_size=3)
     with pytest.raises(ValueError, match="expected 3 docs"):
         col([{"query": "q", "docs": ["a", "b"], "teacher": None}])
-    with pytest.raises(ValueError, match="dp_span"):
-        GroupCollator(tiny_tokenizer, PromptTemplate(), 3, dp_span="some")

@@ -87,7 +87,7 @@ def test_layouts_by_hand():
 def test_unknown_backend_refused():
     ids, att = _padded_batch(50, [5, 3])
     assert not can_pack("flex_attention")
-    with pytest.raises(ValueError, match="packing needs FlashAttention-2/3"):
+    with pytest.raises(ValueError, match="no packed layout keeps sequences apart"):
         pack_sequences(ids, att, pad_id=2, attn_implementation="flex_attention")
 
 

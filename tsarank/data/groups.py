@@ -28,9 +28,7 @@ from transformers import TrainerCallback
 from tsarank.errors import DataError
 from tsarank.prompts import LAST_TOKEN, PromptTemplate, encode_pairs
 
-__all__ = ["GroupDataset", "EpochCallback", "GroupCollator", "doc_text", "SPANS"]
-
-SPANS = ("all", "query")
+__all__ = ["GroupDataset", "EpochCallback", "GroupCollator", "doc_text"]
 
 
 def doc_text(passage: dict[str, Any]) -> str:
@@ -150,15 +148,13 @@ class GroupCollator:
     """Tokenize ``B`` groups of ``G`` (query, doc) pairs into one right-padded batch of ``B * G`` rows.
 
     Rows are ordered group by group (row ``b * G + j`` = document ``j`` of group ``b``; ``j = 0`` positive).
-    The L_gen / L_dp masks for span ``"all"`` are derived from ``attention_mask`` in the trainer, so the
-    collator only emits what cannot be derived.
+    The L_gen / L_dp masks are derived from ``attention_mask`` and ``query_mask`` by the loss
+    (:mod:`tsarank.training.sft_loss`), so the collator only emits what cannot be derived.
 
     Args:
         tokenizer: A fast tokenizer with a pad token.
         template: The prompt template (its ``scoring_head`` decides the text layout).
         group_size: ``G``; every example must carry exactly ``G`` docs.
-        gen_span: ``"all"`` or ``"query"`` (validated here; used by the trainer).
-        dp_span: ``"all"`` or ``"query"`` (validated here; used by the trainer).
 
     Returns (``__call__``):
         ``input_ids [B*G, L]`` long, ``attention_mask [B*G, L]`` long, ``query_mask [B*G, L]`` bool (the scored
@@ -166,19 +162,12 @@ class GroupCollator:
         and ``teacher [B, G]`` float when the examples carry teacher scores.
     """
 
-    def __init__(
-        self, tokenizer: Any, template: PromptTemplate, group_size: int, gen_span: str = "all", dp_span: str = "query"
-    ) -> None:
-        for name, span in (("gen_span", gen_span), ("dp_span", dp_span)):
-            if span not in SPANS:
-                raise ValueError(f"{name} must be one of {SPANS}, got {span!r}")
+    def __init__(self, tokenizer: Any, template: PromptTemplate, group_size: int) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
         self.tokenizer = tokenizer
         self.template = template
         self.group_size = int(group_size)
-        self.gen_span = gen_span
-        self.dp_span = dp_span
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         g = self.group_size

@@ -38,7 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, Any, Any, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = setup_cpu_deepspeed(argv)  # CPU-only `deepspeed --num_gpus N`: gloo process group first
     model_args, data_args, cpt_args, training_args = parse_stage_args(
-        (ModelArguments, DataArguments, CPTArguments, TsarankTrainingArguments), argv
+        (ModelArguments, DataArguments, CPTArguments, TsarankTrainingArguments), argv, prog="tsarank train cpt",
+        description="Stage 1: continual pre-training (query generation) on weak (text, query) pairs. Options come "
+        "from a YAML --config and flags (flags win).",
     )
     if not data_args.train_file:
         raise OptionError("no training data: pass --train_file PAIRS.jsonl (build one with `tsarank data weak-pairs`)")
@@ -73,22 +75,25 @@ def save_probe_logits(trainer: Any, dataset: Any, collator: Any, path: str, n: i
     finally:
         model.train(was_training)
     if trainer.is_world_process_zero():
+        from ..atomic import atomic_path
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": out.logits.float().cpu()},
-            path,
-        )
+        with atomic_path(path) as tmp:
+            torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                        "logits": out.logits.float().cpu()}, tmp)
 
 
-def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
-    """Run stage 1. ``extra_callbacks`` are added to the Trainer (tests use one to interrupt a run)."""
+def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> Path:
+    """Run stage 1 end to end; return the directory to load (``output_dir``, or ``output_dir/merged`` after a LoRA
+    merge). ``extra_callbacks`` are added to the Trainer (tests and benchmarks use them to interrupt or time a
+    run)."""
     model_args, data_args, cpt_args, training_args = parse_args(argv)
 
     from transformers import set_seed
 
     from ..data.collate import CPTCollator, build_cpt_dataset, validate_weak_pairs
     from ..distributed import barrier
-    from ..modeling import supports_packing
+    from ..modeling import check_packing
     from .arguments import OptionError
     from .callbacks import attach_callbacks, standard_callbacks
     from .cards import write_run_cards
@@ -116,12 +121,11 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
         eval_ds = (build_cpt_dataset(data_args.validation_file, tokenizer, template, num_proc=cpt_args.dataset_num_proc)
                    if data_args.validation_file else None)
     model = prepare_model(model_args, tokenizer, training_args)
-    if cpt_args.packing and not supports_packing(model):
-        raise OptionError(
-            f"packing needs FlashAttention-2 (varlen) or SDPA/eager (4D block mask) on a model that builds its masks "
-            f"with transformers.masking_utils; this one is {type(model).__name__} with "
-            f"{model.config._attn_implementation!r}. Fix: packing: false, or attn_implementation: sdpa."
-        )
+    if cpt_args.packing:
+        try:
+            check_packing(model)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
     collator = CPTCollator(pad_token_id=tokenizer.pad_token_id, mask_source=cpt_args.mask_source)
     trainer = CausalLMTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
@@ -150,17 +154,18 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
                         training_args=training_args, data_files=[data_args.train_file], objective=objective,
                         callbacks=callbacks, template=template)
         print(f"stage 1 checkpoint: {load_dir}")
-    return 0
+    return Path(load_dir)
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    """``main`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
+def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
+    """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
     the NaN guard's message exits with status 1."""
     from ..errors import DataError
     from .arguments import OptionError
 
     try:
-        return main(argv)
+        train(argv, extra_callbacks)
+        return 0
     except (DataError, OptionError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -170,4 +175,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -220,7 +220,11 @@ def parse_args(argv: Sequence[str] | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = setup_cpu_deepspeed(argv)  # CPU-only `deepspeed --num_gpus N`: gloo process group first
-    return parse_stage_args(ARG_TYPES, argv)
+    return parse_stage_args(
+        ARG_TYPES, argv, prog="tsarank train sft",
+        description="Stage 2: supervised fine-tuning on ranking groups, L = L_rank + lambda_gen L_gen + lambda_dp "
+        "L_dp against the frozen stage-1 model. Options come from a YAML --config and flags (flags win).",
+    )
 
 
 def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> SFTResult:
@@ -289,8 +293,7 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     train_dataset = GroupDataset(records, sft_args.train_group_size, seed=training_args.seed, source=",".join(files))
     eval_dataset = (GroupDataset(eval_records, sft_args.train_group_size, seed=training_args.seed,
                                  source=data_args.validation_file) if eval_records else None)
-    collator = GroupCollator(tokenizer, template, sft_args.train_group_size, gen_span=sft_args.gen_span,
-                             dp_span=sft_args.dp_span)
+    collator = GroupCollator(tokenizer, template, sft_args.train_group_size)
     trainer = RankingTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=collator, processing_class=tokenizer, callbacks=[EpochCallback(train_dataset)],
