@@ -1,4 +1,5 @@
-"""Ranking losses over group scores and token-level losses (L_gen, L_dp).
+"""Ranking losses over group scores (``L_rank``); the token-level terms (``L_gen``, ``L_dp``) are computed on gathered
+rows by :func:`tsarank.row_head.row_logprobs`.
 
 Group losses take ``scores`` of shape ``[B, G]``: one row per query, one column per candidate. By default
 candidate 0 is the positive; ``labels`` (``[B, G]``, float or bool, ``> 0`` = positive, larger = more
@@ -32,8 +33,6 @@ __all__ = [
     "poly1_softmax_ce",
     "distill_kl",
     "ranknet_teacher",
-    "token_nll",
-    "kl_ref_policy",
     "LOSSES",
     "get_loss",
     "requires_teacher",
@@ -303,70 +302,6 @@ def distill_kl(scores: Tensor, teacher: Tensor, mask: Optional[Tensor] = None, t
     q = log_q.exp().masked_fill(~mask, 0.0)
     terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
     return _mean_over_queries(terms.sum(-1)) * temperature**2
-
-
-# --------------------------------------------------------------------------------------------------------------
-# token-level losses (rows already gathered: no padding)
-
-
-def _check_rows(logits: Tensor, name: str) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [N, V] (gathered rows), got shape {tuple(logits.shape)}.")
-
-
-def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token negative log-likelihood over gathered rows (``L_gen``).
-
-    ::
-
-        L = (1/N) * sum_n -log softmax(logits_n)[targets_n]
-
-    Computed in float32 (or float64). ``N == 0`` gives 0.0 with a finite (zero) gradient.
-
-    Args:
-        logits: ``[N, V]`` logits of the rows that predict a target token.
-        targets: ``LongTensor[N]`` target token ids.
-
-    Returns:
-        Scalar tensor.
-    """
-    _check_rows(logits, "logits")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"targets must have shape [N] = {tuple(logits.shape[:1])}, got {tuple(targets.shape)}.")
-    logits = _to_float(logits)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets.to(logits.device))
-
-
-def kl_ref_policy(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """Mean per-row KL from the frozen reference to the policy (``L_dp``).
-
-    With ``p_ref = softmax(ref_logits_n)`` and ``p_theta = softmax(policy_logits_n)``::
-
-        L = (1/N) * sum_n sum_v p_ref[v] (log p_ref[v] - log p_theta[v])
-
-    Computed in float32 (or float64) with ``log_softmax``; the reference is detached; vocabulary entries with
-    ``p_ref = 0`` contribute 0. ``N == 0`` gives 0.0 with a finite (zero) gradient.
-
-    Args:
-        policy_logits: ``[N, V]`` logits of the trained model.
-        ref_logits: ``[N, V]`` logits of the frozen reference at the same rows.
-
-    Returns:
-        Scalar tensor.
-    """
-    _check_rows(policy_logits, "policy_logits")
-    if ref_logits.shape != policy_logits.shape:
-        raise ValueError(
-            f"ref_logits must have the shape of policy_logits {tuple(policy_logits.shape)}, "
-            f"got {tuple(ref_logits.shape)}; gather the same rows from both models."
-        )
-    log_p = _to_float(policy_logits).log_softmax(-1)
-    log_ref = _to_float(ref_logits.detach()).log_softmax(-1).to(log_p.dtype)
-    p_ref = log_ref.exp()
-    terms = torch.where(p_ref > 0, p_ref * (log_ref - log_p), torch.zeros_like(p_ref))
-    return terms.sum() / max(policy_logits.shape[0], 1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""Losses vs brute-force references written with python loops and ``math`` (DESIGN.md section 6)."""
+"""Losses vs brute-force references written with python loops and ``math`` (docs/design.md, section 6)."""
 
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -12,14 +11,12 @@ from tsarank.losses import (
     LOSSES,
     distill_kl,
     get_loss,
-    kl_ref_policy,
     listwise_softmax_ce,
     pairwise_logistic,
     pointwise_bce,
     poly1_softmax_ce,
     ranknet_teacher,
     requires_teacher,
-    token_nll,
 )
 
 # ------------------------------------------------------------------------------------------------------------
@@ -320,63 +317,6 @@ def test_shape_and_argument_errors():
         distill_kl(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0.0)
     with pytest.raises(ValueError, match="teacher"):
         ranknet_teacher(torch.zeros(2, 3), torch.zeros(2, 2))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# token-level losses
-
-
-def test_token_nll_by_hand():
-    # rows: p = [.25, .75] target 1 -> -ln .75 ; p = [.5, .5] target 0 -> ln 2
-    logits = torch.tensor([[math.log(0.25), math.log(0.75)], [0.0, 0.0]], dtype=torch.float64)
-    got = token_nll(logits, torch.tensor([1, 0]))
-    assert got.item() == pytest.approx((-math.log(0.75) + math.log(2)) / 2)
-    random.seed(0)
-    rows = [[random.gauss(0, 3) for _ in range(11)] for _ in range(6)]
-    tgt = [random.randrange(11) for _ in range(6)]
-    expected = sum(_lse(r) - r[t] for r, t in zip(rows, tgt)) / 6
-    assert token_nll(torch.tensor(rows, dtype=torch.float64), torch.tensor(tgt)).item() == pytest.approx(expected)
-
-
-def test_kl_ref_policy_by_hand():
-    # p_ref = [.5, .5], p_theta = [.9, .1]: KL = .5 ln(.5/.9) + .5 ln(.5/.1) = ln(5/3); second row identical -> 0
-    ref = torch.log(torch.tensor([[0.5, 0.5], [0.3, 0.7]], dtype=torch.float64))
-    pol = torch.log(torch.tensor([[0.9, 0.1], [0.3, 0.7]], dtype=torch.float64)) + 4.0  # shift-invariant
-    pol.requires_grad_()
-    loss = kl_ref_policy(pol, ref)
-    loss.backward()
-    assert loss.item() == pytest.approx(math.log(5 / 3) / 2)
-    # d/dz KL(p_ref || softmax(z)) = (p_theta - p_ref) / N
-    torch.testing.assert_close(pol.grad, torch.tensor([[0.4, -0.4], [0.0, 0.0]], dtype=torch.float64) / 2)
-
-
-def test_kl_ref_policy_half_precision_and_zero_ref_prob():
-    pol = torch.randn(3, 50).bfloat16()
-    ref = torch.randn(3, 50).bfloat16()
-    loss = kl_ref_policy(pol, ref)
-    assert loss.dtype == torch.float32
-    lp, lr = pol.float().log_softmax(-1), ref.float().log_softmax(-1)
-    assert loss.item() == pytest.approx((lr.exp() * (lr - lp)).sum().item() / 3, rel=1e-5)
-    ref = torch.tensor([[0.0, -float("inf")]])
-    assert kl_ref_policy(torch.zeros(1, 2), ref).item() == pytest.approx(math.log(2))
-
-
-@pytest.mark.parametrize(
-    "fn", [lambda x: token_nll(x, torch.zeros(0, dtype=torch.long)), lambda x: kl_ref_policy(x, x)]
-)
-def test_token_losses_empty_rows(fn):
-    x = torch.zeros(0, 7, requires_grad=True)
-    loss = fn(x)
-    loss.backward()
-    assert loss.item() == 0.0 and torch.isfinite(x.grad).all()
-
-
-def test_token_losses_finite_at_extremes():
-    x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]], requires_grad=True)
-    ref = torch.tensor([[-1e4, 1e4, 0.0], [1e4, -1e4, 0.0]])
-    loss = token_nll(x, torch.tensor([1, 0])) + kl_ref_policy(x, ref)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -166,6 +166,21 @@ def test_bf16_weights_give_fp32_logits():
     assert (lp_autocast.double() - exact).abs().max() < 1e-4
 
 
+def test_finite_at_extreme_logits():
+    """Logits of +-1e4 (and a reference that puts all its mass where the policy puts none): finite values and
+    gradients, KL = the log-probability gap, computed without overflow."""
+    head = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3))
+    h = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]], requires_grad=True)
+    ref = FixedReference(torch.eye(3), None)
+    rh = torch.tensor([[-1e4, 1e4, 0.0], [1e4, -1e4, 0.0]])
+    lp, kl = row_logprobs(head, h, torch.tensor([1, 0]), reference=ref, ref_hidden=rh)
+    (lp.sum() + kl.sum()).backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(kl).all() and torch.isfinite(h.grad).all()
+    assert lp[0].item() == pytest.approx(-2e4, rel=1e-6) and kl[0].item() == pytest.approx(2e4, rel=1e-6)
+
+
 def test_chunk_rows_for():
     assert chunk_rows_for(49152) == 42
     assert chunk_rows_for(10**7) == 16  # never fewer than 16 rows
