@@ -9,7 +9,7 @@ The stage lives in the library (:mod:`tsarank.training.cpt`); ``--help`` lists i
 
 import sys
 
-from tsarank.training.cpt import cli
+from tsarank.training.cpt import main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

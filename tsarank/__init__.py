@@ -18,9 +18,9 @@ def __getattr__(name: str) -> Any:
 
         return Ranker
     if name == "load_default_model":
-        from .default_model import load_default_model
+        from .inference import Ranker
 
-        return load_default_model
+        return Ranker.default
     if name == "LOSSES":
         from .losses import LOSSES
 

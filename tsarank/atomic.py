@@ -1,6 +1,6 @@
 """Atomic writes: a reader (or a crash) never sees half a file or half a checkpoint directory.
 
-Every writer in tsarank goes through this module:
+Every file tsarank writes itself goes through this module (model weights are written by transformers / DeepSpeed):
 
 - :func:`atomic_path` yields a temporary file name beside the target and moves it into place on success (for
   writers that want a path, e.g. ``matplotlib.savefig``);

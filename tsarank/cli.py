@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsarank", description="Two-stage LLM re-ranking toolkit (TSARankLLM).")
     parser.add_argument("--version", action="version", version=f"tsarank {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    # `deepspeed --module tsarank.cli train ...` (an installed wheel, several GPUs) passes --local_rank=N first; the
+    # training code reads LOCAL_RANK from the environment.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"tsarank.commands.{name}").add_parser(sub)

@@ -120,10 +120,3 @@ def default_model_path() -> Path:
     if not is_valid_cache(final):
         raise RuntimeError(f"{final}: the default model cache is invalid after conversion; delete it and retry")
     return final
-
-
-def load_default_model(**kwargs):
-    """The default model as a :class:`tsarank.Ranker` (keyword arguments go to ``Ranker.from_pretrained``)."""
-    from .inference import Ranker
-
-    return Ranker.from_pretrained(str(default_model_path()), **kwargs)

@@ -283,7 +283,7 @@ def test_cpt_train_refuses_non_empty_output_dir_unless_overwrite(tiny, tmp_path)
     argv = _flags(model_name_or_path=tiny["model"], train_file=pairs, output_dir=out, report_to="none", max_steps=1,
                   per_device_train_batch_size=2, max_doc_tokens=32, save_strategy="no")
     with pytest.raises(FileExistsError) as info:
-        cpt.main(argv)
+        cpt.train(argv)
     assert str(info.value) == (
         f"output_dir {out} exists and is not empty. Fix: choose a new --output_dir, pass "
         "--resume_from_checkpoint to continue it, or --overwrite_output_dir true to write into it anyway."

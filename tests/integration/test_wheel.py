@@ -1,5 +1,6 @@
 """A wheel built from the repository carries both training stages: installed into a new environment and run from a
-directory outside the repository, `tsarank train cpt|sft` work (2 steps each on a tiny model)."""
+directory outside the repository, `tsarank train cpt|sft` work (2 steps each on a tiny model), also as DeepSpeed
+ZeRO-3 on 2 processes through `deepspeed --module tsarank.cli`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(cmd: list, cwd: Path, env: dict | None = None, timeout: int = 600) -> str:
@@ -67,13 +76,19 @@ def test_wheel_runs_both_stages_outside_the_repository(wheel_env, tmp_path):
     (work / "groups.jsonl").write_text("".join(
         json.dumps({"query": q, "positive_passages": [{"text": d}],
                     "negative_passages": [{"text": x} for _, x in topics if x != d]}) + "\n" for q, d in topics))
-    common = ["--max_steps", "2", "--report_to", "none", "--max_doc_tokens", "32", "--max_query_tokens", "8",
-              "--per_device_train_batch_size", "2", "--use_cpu", "true", "--logging_steps", "1"]
+    base = ["--max_steps", "2", "--report_to", "none", "--max_doc_tokens", "32", "--max_query_tokens", "8",
+            "--per_device_train_batch_size", "2", "--logging_steps", "1"]
+    common = [*base, "--use_cpu", "true"]
     _run([tsarank, "train", "cpt", "--model_name_or_path", work / "base", "--train_file", "pairs.jsonl",
           "--output_dir", "cpt", "--eval_strategy", "no", *common], work)
     _run([tsarank, "train", "sft", "--model_name_or_path", work / "cpt", "--train_file", "groups.jsonl",
           "--output_dir", "sft", "--train_group_size", "3", *common, "--per_device_train_batch_size", "1"], work)
-    for stage in ("cpt", "sft"):
+    # Several GPUs from the wheel: the deepspeed launcher runs `python -u -m tsarank.cli --local_rank=N train ...`.
+    _run([python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _free_port(), "--module",
+          "tsarank.cli", "train", "cpt", "--model_name_or_path", work / "base", "--train_file", "pairs.jsonl",
+          "--output_dir", "cpt_zero3", "--eval_strategy", "no", "--deepspeed", ROOT / "ds_configs" / "zero3.json",
+          *base], work)
+    for stage in ("cpt", "sft", "cpt_zero3"):
         state = json.loads((work / stage / "trainer_state.json").read_text())
         assert state["global_step"] == 2
         assert (work / stage / "tsarank_config.json").is_file() and (work / stage / "model.safetensors").is_file()

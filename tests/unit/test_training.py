@@ -142,7 +142,7 @@ def test_cpt_train_refuses_non_empty_output_dir_before_loading(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
-        cpt_train.main(["--train_file", str(tmp_path / "missing.jsonl"), "--output_dir", str(out), "--report_to", "none"])
+        cpt_train.train(["--train_file", str(tmp_path / "missing.jsonl"), "--output_dir", str(out), "--report_to", "none"])
     assert (out / "keep.txt").read_text() == "precious"
 
 

@@ -23,9 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.stage == "cpt":
-        from ..training.cpt import cli
-
-        return cli(args.options)
-    from ..training.sft import main
-
+        from ..training.cpt import main
+    else:
+        from ..training.sft import main
     return main(args.options)

@@ -226,18 +226,23 @@ def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
     return data
 
 
-def parse_stage_args(types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+def parse_stage_args(
+    types: Sequence[type], argv: Sequence[str] | None = None, *, prog: str | None = None,
+    description: str | None = None,
+) -> tuple[Any, ...]:
     """Parse ``--config FILE.yaml`` plus flag overrides into the given dataclasses.
 
     Args:
         types: Dataclass types, e.g. ``(ModelArguments, DataArguments, CPTArguments, TsarankTrainingArguments)``.
         argv: Arguments (default ``sys.argv[1:]``).
+        prog: Program name in ``--help`` (e.g. ``tsarank train sft``).
+        description: Text shown by ``--help`` before the options.
 
     Returns:
         One instance per type, in order.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(types)
+    parser = HfArgumentParser(types, prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file of option: value (flags override it)")
     valid = _dataclass_fields(types)
     config_path = None

@@ -161,7 +161,7 @@ class RankingTrainer(SidecarMixin, Trainer):
                 torch.distributed.all_reduce(values)
                 values = values / torch.distributed.get_world_size()
             for n, v in zip(names, values.tolist()):
-                logs[f"loss_{n}"] = round(v, 6)
+                logs[f"loss_{n}"] = round(v, 6) + 0.0  # + 0.0: a KL of -1e-9 (rounding) logs as 0, not -0
             self._term_sums, self._term_count = {}, 0
         super().log(logs, *args, **kwargs)
 
@@ -180,11 +180,8 @@ class RankingTrainer(SidecarMixin, Trainer):
             if not head_state:
                 head_state = head.state_dict()
             if self.args.should_save:
-                from safetensors.torch import save_file
-
                 os.makedirs(output_dir, exist_ok=True)
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in head_state.items()},
-                          os.path.join(output_dir, HEAD_WEIGHTS))
+                head.save(output_dir, head_state)
         super()._save(output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
