@@ -22,7 +22,29 @@ from typing import IO, Any, Iterator
 
 PathLike = str | os.PathLike
 
-__all__ = ["atomic_path", "atomic_open", "atomic_write_text", "atomic_directory"]
+__all__ = ["check_output_file", "atomic_path", "atomic_open", "atomic_write_text", "atomic_directory"]
+
+
+def check_output_file(path: PathLike, overwrite: bool, *, flag: str = "--out", note: str = "") -> Path:
+    """Check an output file's place before any work: its directory exists, and an existing file is replaced only
+    when asked.
+
+    Args:
+        path: The output file.
+        overwrite: Replacing an existing file was asked for (``--overwrite``).
+        flag: The option that named the file, for the message.
+        note: Added after the file name when it exists (why it may exist).
+
+    Raises:
+        FileNotFoundError: The directory does not exist.
+        FileExistsError: The file exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"refusing to overwrite existing {path}{note}; pass --overwrite or choose another {flag}")
+    return path
 
 
 def _fsync_dir(directory: Path) -> None:

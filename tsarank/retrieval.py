@@ -36,6 +36,21 @@ def bm25_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def queries_source(corpus: Path, queries: str | None) -> Path:
+    """The queries file of a command: ``--queries`` when given, else the BEIR directory ``--corpus`` itself (its
+    ``queries.jsonl``).
+
+    Raises:
+        ValueError: Neither (``--corpus`` is a file and no ``--queries``).
+    """
+    if queries:
+        return Path(queries)
+    if Path(corpus).is_dir():
+        return Path(corpus)
+    raise ValueError("--queries is required when --corpus is a file (it defaults to DIR/queries.jsonl only for a BEIR "
+                     "directory)")
+
+
 def qrels_split_path(corpus_dir: Path, split: str) -> Path:
     """``DIR/qrels/SPLIT.tsv`` of a BEIR directory; a missing split is an error listing the splits found."""
     path = corpus_dir / "qrels" / f"{split}.tsv"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import check_output_file
 from ..data.formats import read_corpus, read_qrels, read_queries, read_run
 from ..data.mining import DEFAULT_NEGATIVES, _check_window, groups_from_run, mine_bm25_groups, write_groups
 from ..errors import DataError
@@ -86,7 +87,7 @@ def _resolve_qrels(spec: str, corpus: Path) -> Path:
 
 def run_groups(args: argparse.Namespace) -> int:
     """Execute ``tsarank data groups``; returns the process exit code (0 ok, 2 bad input)."""
-    from tsarank.retrieval import bm25_options
+    from tsarank.retrieval import bm25_options, queries_source
 
     out = Path(args.out)
     corpus_path = Path(args.corpus)
@@ -98,16 +99,8 @@ def run_groups(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-positives must be >= 1, got {args.max_positives}")
         if args.min_grade < 1:
             raise ValueError(f"--min-grade must be >= 1 (grade 0 means judged non-relevant), got {args.min_grade}")
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"refusing to overwrite existing {out}; pass --overwrite or choose another --out")
-        if not out.parent.is_dir():
-            raise ValueError(f"output directory {out.parent} does not exist; create it first")
-        if args.queries:
-            queries_path = Path(args.queries)
-        elif corpus_path.is_dir():
-            queries_path = corpus_path
-        else:
-            raise ValueError("--queries is required when --corpus is a file (it defaults to DIR/queries.jsonl only for a BEIR directory)")
+        check_output_file(out, args.overwrite)
+        queries_path = queries_source(corpus_path, args.queries)
         qrels_path = _resolve_qrels(args.qrels, corpus_path)
 
         t0 = time.perf_counter()
@@ -131,7 +124,7 @@ def run_groups(args: argparse.Namespace) -> int:
                 corpus, queries, qrels, **bm25_options(args), **common)
         else:
             groups, stats = groups_from_run(run, corpus, queries, qrels, **common)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -209,6 +209,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank rerank``; returns the process exit code."""
     from tsarank.atomic import atomic_open
+    from tsarank.atomic import check_output_file
     from tsarank.data.formats import format_run_lines, load_candidates
 
     out = Path(args.out)
@@ -216,11 +217,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     try:
         _check_args(args)
-        if not out.parent.is_dir():
-            raise ValueError(f"output directory {out.parent} does not exist; create it first")
-        if out.exists() and not args.overwrite:
-            hint = " (the interrupted run had already finished)" if sidecar.exists() else ""
-            raise ValueError(f"refusing to overwrite existing {out}{hint}; pass --overwrite or choose another --out")
+        check_output_file(out, args.overwrite,
+                          note=" (the interrupted run had already finished)" if sidecar.exists() else "")
         if sidecar.exists() and not args.resume:
             raise ValueError(
                 f"found {sidecar} from an interrupted run; pass --resume to continue it, or delete it to start over"

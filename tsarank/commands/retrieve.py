@@ -66,30 +66,23 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank retrieve``; returns the process exit code."""
     from tsarank.data.formats import read_corpus, read_qrels, read_queries, write_run
     from tsarank.evaluation import evaluate
-    from tsarank.retrieval import bm25_options, bm25_retrieve
+    from tsarank.atomic import check_output_file
+    from tsarank.retrieval import bm25_options, bm25_retrieve, queries_source
 
     out = Path(args.out)
     corpus_path = Path(args.corpus)
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"refusing to overwrite existing {out}; pass --overwrite or choose another --out")
-        if not out.parent.is_dir():
-            raise ValueError(f"output directory {out.parent} does not exist; create it first")
-        if args.queries:
-            queries_path = Path(args.queries)
-        elif corpus_path.is_dir():
-            queries_path = corpus_path
-        else:
-            raise ValueError("--queries is required when --corpus is a file (it defaults to DIR/queries.jsonl only for a BEIR directory)")
+        check_output_file(out, args.overwrite)
+        queries_path = queries_source(corpus_path, args.queries)
         qrels_path = _resolve_qrels(args, corpus_path)
 
         t0 = time.perf_counter()
         corpus = read_corpus(corpus_path)
         queries = read_queries(queries_path)
         qrels = read_qrels(qrels_path) if qrels_path else None
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,10 +33,9 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tsarank.atomic import atomic_open
+from tsarank.atomic import atomic_open, check_output_file
 from tsarank.data.formats import Doc, PathLike
 
 __all__ = [
@@ -403,11 +402,7 @@ def write_groups(path: PathLike, groups: Iterable[Mapping[str, Any]], *, overwri
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         FileNotFoundError: The output directory does not exist.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"refusing to overwrite existing {path}; pass --overwrite (overwrite=True) or choose another output")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    path = check_output_file(path, overwrite)
     count = 0
     with atomic_open(path) as fh:
         for group in groups:
