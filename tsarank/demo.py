@@ -195,7 +195,7 @@ class Demo:
             "--model_name_or_path", "default", "--train_file", wp["train_file"], "--validation_file", wp["validation_file"],
             "--output_dir", str(out), "--max_steps", str(pr.cpt_steps), "--per_device_train_batch_size", str(pr.cpt_batch),
             "--learning_rate", str(pr.learning_rate_cpt), "--max_doc_tokens", str(pr.max_doc_tokens),
-            "--train_top_layers", str(pr.cpt_top_layers),
+            "--train_top_layers", str(pr.cpt_top_layers), "--train_final_norm", "true",
             "--overwrite_output_dir", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "5",
             "--eval_strategy", "no", "--rank_eval_steps", "0",  # the demo evaluates once, at the end
         ]
@@ -226,6 +226,7 @@ class Demo:
             "--train_group_size", str(pr.sft_group_size), "--learning_rate", str(pr.learning_rate_sft),
             "--max_doc_tokens", str(pr.max_doc_tokens), "--overwrite_output_dir", "true", "--report_to", "none",
             "--save_strategy", "no", "--logging_steps", "5", "--train_top_layers", str(pr.sft_top_layers),
+            "--train_final_norm", "true",
             "--score_transform", pr.sft_score_transform, "--temperature", str(pr.sft_temperature),
             "--gen_span", pr.sft_gen_span,
         ]

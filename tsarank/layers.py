@@ -1,7 +1,8 @@
 """Model-agnostic access to the decoder block list, and freezing all but the top N blocks.
 
 The paper's released code trains only the top transformer blocks (``train_top_layers``) and is BLOOM-only;
-here the block list is found structurally: the longest ``nn.ModuleList`` inside the decoder body.
+here the block list is found structurally: the longest ``nn.ModuleList`` inside the decoder body. As released, only
+the blocks train; the final norm and an untied head join only when asked (``train_final_norm``, ``train_lm_head``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,24 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def freeze_all_but_top(model: nn.Module, n: int) -> list[str]:
-    """Freeze every parameter except the top ``n`` blocks and what follows them (final norm; the LM head
-    only when it is not tied to the input embeddings).
+def freeze_all_but_top(
+    model: nn.Module, n: int, *, train_final_norm: bool = False, train_lm_head: bool = False
+) -> list[str]:
+    """Freeze every parameter except the top ``n`` transformer blocks, as the released RankingGPT code does
+    (``model.transformer.h[-top:]`` trainable, everything else frozen).
+
+    Args:
+        model: The causal LM (possibly wrapped).
+        n: Number of top blocks to train.
+        train_final_norm: Also train the final norm after the blocks (the released code keeps it frozen).
+        train_lm_head: Also train the LM head; refused when it is tied to the input embeddings (training it would
+            train the embeddings of every token).
 
     Returns:
         Names of the parameters left trainable.
+
+    Raises:
+        ValueError: ``n`` out of range, or ``train_lm_head`` with a tied head.
     """
     layers = find_decoder_layers(model)
     if not 0 < n <= len(layers):
@@ -41,13 +54,17 @@ def freeze_all_but_top(model: nn.Module, n: int) -> list[str]:
     keep: set[int] = set()
     for block in list(layers)[len(layers) - n :]:
         keep.update(id(p) for p in block.parameters())
-    # Modules of the body registered after the block list (final norm) act on the top blocks' output.
-    children = [m for _, m in body.named_children()]
-    if any(m is layers for m in children):
-        for m in children[next(i for i, m in enumerate(children) if m is layers) + 1 :]:
-            keep.update(id(p) for p in m.parameters())
-    embed_ids = {id(p) for p in body.get_input_embeddings().parameters()}
-    keep.update(id(p) for p in head.parameters() if id(p) not in embed_ids)
+    if train_final_norm:
+        norm = final_norm(body, layers)
+        if norm is None:
+            raise ValueError(f"train_final_norm: {type(body).__name__} has no final norm after its blocks")
+        keep.update(id(p) for p in norm.parameters())
+    if train_lm_head:
+        embed_ids = {id(p) for p in body.get_input_embeddings().parameters()}
+        if any(id(p) in embed_ids for p in head.parameters()):
+            raise ValueError("train_lm_head: the LM head of this model is tied to its input embeddings, so training it "
+                             "would train every token's embedding. Fix: drop train_lm_head (the tied head stays frozen).")
+        keep.update(id(p) for p in head.parameters())
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in keep)

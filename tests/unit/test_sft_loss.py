@@ -322,10 +322,10 @@ def test_shared_prefix_reference_equals_full_reference(tiny_tokenizer, arch, che
     vocab = len(tiny_tokenizer)
     policy = build_tiny_llama(vocab, num_hidden_layers=4) if arch == "llama" else build_tiny_qwen2(vocab)
     start = copy.deepcopy(policy).eval()  # M_cpt: what the reference must reproduce
-    freeze_all_but_top(policy, 2)
+    freeze_all_but_top(policy, 2, train_final_norm=True, train_lm_head=arch == "qwen2")
     ref = SharedPrefixReference(policy, 2)
     assert ref.cost_fraction() == 0.5
-    # qwen2 has an untied (trainable) head: it is copied; llama's is tied to frozen embeddings: shared
+    # qwen2's untied head is trained here: it is copied; llama's is tied to frozen embeddings: shared
     assert ref.head_shared == (arch == "llama")
     # "train" the policy: its top blocks and final norm move away from M_cpt
     with torch.no_grad():

@@ -97,12 +97,29 @@ def test_lora_target_subset_and_bad_targets(tiny_dir, tiny_tokenizer):
 
 
 def test_train_top_layers_parameter_count(tiny_dir, tiny_tokenizer):
-    model = prepare_model(_args(tiny_dir, train_top_layers=1), tiny_tokenizer, None)
+    """As released (``model.transformer.h[-top:]``): exactly the top blocks train; the final norm only on request."""
     block = H * H + 2 * H * KV + H * H + 3 * H * I + 2 * H  # attention, MLP, two RMSNorm weights
+    model = prepare_model(_args(tiny_dir, train_top_layers=1), tiny_tokenizer, None)
     trainable, _ = count_parameters(model)
-    assert trainable == block + H  # top block + final norm; the LM head is tied to the (frozen) embeddings
+    assert trainable == block
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(n.startswith("model.layers.2.") or n == "model.norm.weight" for n in names)
+    assert names and all(n.startswith("model.layers.2.") for n in names)
+    model = prepare_model(_args(tiny_dir, train_top_layers=1, train_final_norm=True), tiny_tokenizer, None)
+    assert count_parameters(model)[0] == block + H  # + the final norm; the LM head is tied to the embeddings
+    with pytest.raises(ValueError, match="tied to its input embeddings"):
+        prepare_model(_args(tiny_dir, train_top_layers=1, train_lm_head=True), tiny_tokenizer, None)
+
+
+def test_train_lm_head_on_an_untied_head(tmp_path, tiny_tokenizer):
+    from conftest import build_tiny_llama
+
+    path = tmp_path / "untied"
+    build_tiny_llama(len(tiny_tokenizer), tie_word_embeddings=False).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    model = prepare_model(_args(path, train_top_layers=2, train_lm_head=True), tiny_tokenizer, None)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" in names and "model.norm.weight" not in names
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in names)
 
 
 def test_contradictory_model_options(tiny_dir):
@@ -113,6 +130,8 @@ def test_contradictory_model_options(tiny_dir):
         _args(tiny_dir, merge_lora=True)
     with pytest.raises(OptionError, match="train_top_layers must be >= 0"):
         _args(tiny_dir, train_top_layers=-1)
+    with pytest.raises(OptionError, match="add to train_top_layers"):
+        _args(tiny_dir, train_final_norm=True)
 
 
 def test_forward_hidden_equals_decoder_output(tiny_llama, tiny_tokenizer):

@@ -48,7 +48,14 @@ class ModelArguments:
         default=False, metadata={"help": "also write a merged full checkpoint (loadable as M_cpt / by Ranker)"}
     )
     train_top_layers: int = field(
-        default=0, metadata={"help": "train only the top N decoder blocks (+ final norm); 0 = train everything"}
+        default=0, metadata={"help": "train only the top N decoder blocks, as released (everything else frozen); "
+                             "0 = train everything"}
+    )
+    train_final_norm: bool = field(
+        default=False, metadata={"help": "with train_top_layers: also train the final norm (the released code does not)"}
+    )
+    train_lm_head: bool = field(
+        default=False, metadata={"help": "with train_top_layers: also train an untied LM head (refused when tied)"}
     )
 
     def __post_init__(self) -> None:
@@ -65,6 +72,9 @@ class ModelArguments:
                 "use_lora and train_top_layers are both set; they are alternative ways to limit the trained weights. "
                 "Fix: set train_top_layers: 0 to train LoRA adapters, or use_lora: false to train the top blocks."
             )
+        if (self.train_final_norm or self.train_lm_head) and not self.train_top_layers:
+            raise OptionError("train_final_norm / train_lm_head add to train_top_layers (with train_top_layers: 0 every "
+                              "weight trains already). Fix: set train_top_layers, or drop them.")
         if self.merge_lora and not self.use_lora:
             raise OptionError("merge_lora: true needs use_lora: true (there is no adapter to merge). Fix: drop merge_lora.")
         if self.use_lora and self.lora_r < 1:

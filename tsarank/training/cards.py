@@ -21,6 +21,8 @@ def card_hyperparameters(training_args: Any, model_args: Any) -> dict[str, Any]:
     hp["world_size"] = training_args.world_size
     hp["deepspeed"] = training_args.deepspeed if isinstance(training_args.deepspeed, str) else bool(training_args.deepspeed)
     hp["train_top_layers"] = model_args.train_top_layers
+    if model_args.train_top_layers:
+        hp["train_final_norm"], hp["train_lm_head"] = model_args.train_final_norm, model_args.train_lm_head
     hp["use_lora"] = model_args.use_lora
     if model_args.use_lora:
         hp["lora_r"], hp["lora_alpha"] = model_args.lora_r, model_args.lora_alpha

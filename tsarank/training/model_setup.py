@@ -198,7 +198,8 @@ def prepare_model(model_args: Any, tokenizer: Any, training_args: Any | None = N
     elif model_args.train_top_layers:
         from ..layers import freeze_all_but_top
 
-        freeze_all_but_top(model, model_args.train_top_layers)
+        freeze_all_but_top(model, model_args.train_top_layers, train_final_norm=model_args.train_final_norm,
+                           train_lm_head=model_args.train_lm_head)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
