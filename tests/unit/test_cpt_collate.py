@@ -154,12 +154,25 @@ def test_dataset_both_schemas_tokenized_like_inference(tmp_path, tiny_tokenizer)
         json.dumps({"text": PAIRS[2][1], "query": PAIRS[2][0]}),
     ]
     path = _write(tmp_path / "pairs.jsonl", lines)
-    ds = build_cpt_dataset(path, tok, TEMPLATE, cache_dir=str(tmp_path / "cache"))
     expected = encode_pairs(tok, TEMPLATE, [q for q, _ in PAIRS[:3]], [d for _, d in PAIRS[:3]])
+    # Without target_eos: exactly what scoring sees.
+    ds = build_cpt_dataset(path, tok, TEMPLATE, cache_dir=str(tmp_path / "cache"), target_eos=False)
     assert len(ds) == 3
     for row, e in zip(ds, expected):
         assert row["input_ids"] == e.input_ids
-        assert (row["target_start"], row["target_end"], row["length"]) == (e.target_start, e.target_end, len(e.input_ids))
+        assert (row["target_start"], row["target_end"], row["label_end"], row["length"]) == (
+            e.target_start, e.target_end, e.target_end, len(e.input_ids))
+    # As released (the default): the same ids with EOS right after the query, and the EOS labelled.
+    ds = build_cpt_dataset(path, tok, TEMPLATE, cache_dir=str(tmp_path / "cache"))
+    for row, e in zip(ds, expected):
+        assert row["input_ids"] == e.input_ids[: e.target_end] + [tok.eos_token_id] + e.input_ids[e.target_end :]
+        assert (row["target_start"], row["target_end"], row["label_end"]) == (e.target_start, e.target_end,
+                                                                            e.target_end + 1)
+    batch = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=True)([ds[0]])
+    labelled = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert labelled == ds[0]["input_ids"][ds[0]["target_start"] : ds[0]["label_end"]]
+    assert labelled[-1] == tok.eos_token_id  # the model learns where a query ends
+    assert batch["target_mask"][0].sum().item() == ds[0]["target_end"] - ds[0]["target_start"]  # EOS not in ppl
     assert len(build_cpt_dataset(path, tok, TEMPLATE, max_samples=2, cache_dir=str(tmp_path / "cache"))) == 2
     # An edited file is re-read, not served from the cache.
     _write(path, lines[:1])
@@ -173,7 +186,7 @@ def test_real_rankinggpt_sample(shared_data, tiny_tokenizer, tmp_path):
     assert len(ds) == 10
     first = tiny_tokenizer.decode(ds[0]["input_ids"])
     assert first.startswith("Document: The name") and first.count("Document:") == 1
-    assert first.endswith("is aardvark derived from afrikaans?")
+    assert first.endswith("is aardvark derived from afrikaans?" + tiny_tokenizer.eos_token)
 
 
 # ------------------------------------------------------------------------------------------- weak-pairs builder

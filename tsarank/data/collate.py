@@ -61,10 +61,12 @@ def build_cpt_dataset(
     num_proc: int | None = None,
     cache_dir: str | None = None,
     validate: bool = True,
+    target_eos: bool = True,
 ) -> Any:
     """Validate, load and tokenize a weak-pairs JSONL file into a ``datasets.Dataset``.
 
-    Columns: ``input_ids`` (list of int), ``target_start``, ``target_end`` (the query span) and ``length``.
+    Columns: ``input_ids`` (list of int), ``target_start``, ``target_end`` (the query span), ``label_end`` (one past
+    the last token the loss covers: the query, plus the EOS token with ``target_eos``) and ``length``.
 
     Args:
         path: Weak pairs, ``{"text", "query"}`` or RankingGPT ``{"query": "Document: ... Query:", "response"}`` lines.
@@ -74,6 +76,8 @@ def build_cpt_dataset(
         num_proc: Processes for tokenization (``datasets.map``).
         cache_dir: ``datasets`` cache directory (default: the HF datasets cache).
         validate: Run the up-front validation pass (set False only for a file already validated).
+        target_eos: Put the tokenizer's EOS token right after the query and make it a target, as the released CPT
+            does (``target = response + eos_token``): the model learns where a query ends.
 
     Returns:
         A tokenized, Arrow-backed ``datasets.Dataset``.
@@ -94,13 +98,29 @@ def build_cpt_dataset(
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
 
+    eos = tokenizer.eos_token_id
+    if target_eos and eos is None:
+        raise ValueError("target_eos needs an EOS token, and this tokenizer has none. Fix: target_eos: false "
+                         "(the loss then covers the query tokens only).")
+
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
         enc = encode_pairs(tokenizer, template, batch["query"], batch["text"])
+        ids, ends = [], []
+        for e in enc:
+            seq = list(e.input_ids)
+            if target_eos:
+                if e.target_end >= len(seq) or seq[e.target_end] != eos:  # unless the tokenizer put one there
+                    seq.insert(e.target_end, eos)
+                ends.append(e.target_end + 1)
+            else:
+                ends.append(e.target_end)
+            ids.append(seq)
         return {
-            "input_ids": [e.input_ids for e in enc],
+            "input_ids": ids,
             "target_start": [e.target_start for e in enc],
             "target_end": [e.target_end for e in enc],
-            "length": [len(e.input_ids) for e in enc],
+            "label_end": ends,
+            "length": [len(x) for x in ids],
         }
 
     return ds.map(
@@ -116,7 +136,7 @@ def pair_labels(input_ids: Sequence[int], target_start: int, target_end: int, ma
     Args:
         input_ids: The pair's token ids.
         target_start: First query token.
-        target_end: One past the last query token.
+        target_end: One past the last labelled target token (the query's last token, or the EOS after it).
         mask_source: True: only ``[target_start, target_end)`` is labelled; False: every token except the first.
 
     Returns:
@@ -162,9 +182,10 @@ class CPTCollator:
         tgt = torch.zeros((n, width), dtype=torch.bool)
         for i, (seq, f) in enumerate(zip(seqs, features)):
             start, end = int(f["target_start"]), int(f["target_end"])
+            label_end = int(f.get("label_end", end))
             k = len(seq)
             ids[i, :k] = torch.tensor(seq)
             att[i, :k] = 1
-            lab[i, :k] = torch.tensor(pair_labels(seq, start, end, self.mask_source))
-            tgt[i, start:end] = True
+            lab[i, :k] = torch.tensor(pair_labels(seq, start, label_end, self.mask_source))
+            tgt[i, start:end] = True  # the query tokens (validation perplexity), without the EOS
         return {"input_ids": ids, "attention_mask": att, "labels": lab, "target_mask": tgt}

@@ -130,6 +130,10 @@ class CPTArguments:
     mask_source: bool = field(
         default=True, metadata={"help": "loss on query tokens only (true) or on the whole sequence (false)"}
     )
+    target_eos: bool = field(
+        default=True, metadata={"help": "loss also on an EOS token after the query, as the released CPT (false: the "
+                                "query tokens only)"}
+    )
     packing: bool = field(
         default=False, metadata={"help": "pack several pairs per row (no cross-pair attention or position leakage)"}
     )

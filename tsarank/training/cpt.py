@@ -115,10 +115,15 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     for path in filter(None, (data_args.train_file, data_args.validation_file)):
         validate_weak_pairs(path)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    if cpt_args.target_eos and tokenizer.eos_token_id is None:
+        raise OptionError(f"target_eos: the tokenizer of {model_args.model_name_or_path} has no EOS token. Fix: "
+                          "target_eos: false (the loss then covers the query tokens only).")
     with training_args.main_process_first(desc="weak-pairs dataset"):
-        train_ds = build_cpt_dataset(data_args.train_file, tokenizer, template, max_samples=data_args.max_train_samples,
-                                     num_proc=cpt_args.dataset_num_proc)
-        eval_ds = (build_cpt_dataset(data_args.validation_file, tokenizer, template, num_proc=cpt_args.dataset_num_proc)
+        train_ds = build_cpt_dataset(data_args.train_file, tokenizer, template,
+                                     max_samples=data_args.max_train_samples, num_proc=cpt_args.dataset_num_proc,
+                                     target_eos=cpt_args.target_eos)
+        eval_ds = (build_cpt_dataset(data_args.validation_file, tokenizer, template,
+                                     num_proc=cpt_args.dataset_num_proc, target_eos=cpt_args.target_eos)
                    if data_args.validation_file else None)
     model = prepare_model(model_args, tokenizer, training_args)
     if cpt_args.packing:
@@ -134,7 +139,7 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     extra = {
         "data": {"train_file": data_args.train_file, "validation_file": data_args.validation_file,
                  "train_pairs": len(train_ds), "validation_pairs": len(eval_ds) if eval_ds is not None else 0},
-        "cpt": {"mask_source": cpt_args.mask_source, "packing": cpt_args.packing},
+        "cpt": {"mask_source": cpt_args.mask_source, "target_eos": cpt_args.target_eos, "packing": cpt_args.packing},
     }
     trainer.tsarank_sidecar = sidecar_for(template, STAGE, model_args, extra)  # also in every checkpoint-N
     attach_callbacks(trainer, [*callbacks, *extra_callbacks])
@@ -149,7 +154,8 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     if trainer.is_world_process_zero():
         objective = {"objective": "query-generation NLL (next-token loss on the query tokens given the text)"
                      if cpt_args.mask_source else "next-token loss on the whole sequence",
-                     "mask_source": cpt_args.mask_source, "packing": cpt_args.packing}
+                     "mask_source": cpt_args.mask_source, "target_eos": cpt_args.target_eos,
+                     "packing": cpt_args.packing}
         write_run_cards([training_args.output_dir, load_dir], stage=STAGE, model_args=model_args, data_args=data_args,
                         training_args=training_args, data_files=[data_args.train_file], objective=objective,
                         callbacks=callbacks, template=template)
