@@ -8,7 +8,7 @@ The tokenizer's own special-token defaults are applied once, to the full filled-
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Sequence
 
 # Scoring heads a checkpoint may declare.
@@ -16,21 +16,41 @@ QUERY_LIKELIHOOD = "query_likelihood"
 LAST_TOKEN = "last_token"
 SCORING_HEADS = (QUERY_LIKELIHOOD, LAST_TOKEN)
 
+#: How a template turns text into token ids (see :class:`PromptTemplate`).
+STYLES = ("tsarank", "rankinggpt", "rankllama")
+#: The margin RankingGPT's eval.py leaves when it sizes the document budget (``512 - prompt - query - 10``).
+RANKINGGPT_MARGIN = 10
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a (query, document) pair becomes text, and the token budgets applied first.
+    """How a (query, document) pair becomes token ids, and the token budgets applied first.
 
-    For the ``query_likelihood`` head the text is ``source.format(doc=...) + target.format(query=...)`` and the
-    score is the mean log-probability of the target's tokens. For the ``last_token`` head (RankLLaMA) the text
-    is ``source.format(doc=..., query=...)`` followed by the tokenizer's EOS token; ``target`` is unused.
+    Three styles, each the exact construction of the code that trained the checkpoints using it:
+
+    - ``"tsarank"`` (default). ``query_likelihood``: the text ``source.format(doc) + target.format(query)``
+      tokenized as one string; the scored tokens are located by character offsets (those ending after the
+      source). ``last_token``: ``source.format(doc, query)`` plus the EOS token; the last token is scored.
+      Documents and queries are cut to their budgets as exact prefixes of the text.
+    - ``"rankinggpt"``: RankingGPT's released code (pretrain.py, sft.py, eval.py): the text ``source + query`` with
+      no space before the query (``"Document: {doc} Query:{query}"``) tokenized as one string, and the scored tokens
+      are those after the first ``len(tokenize(source))`` tokens (the released label mask). Texts are cut by
+      ``decode(encode(text)[:budget])``; with ``max_length`` the document budget follows eval.py:
+      ``max_length - len(encode(prompt)) - len(encode(query)) - 10``.
+    - ``"rankllama"`` (``last_token``): RankLLaMA's released usage, ``tokenizer(source.format(query),
+      target.format(doc))`` as a text pair (``"query: {query}"``, ``"document: {doc}"``), no EOS; the last token is
+      scored.
 
     Attributes:
-        source: Text before the scored span; must contain ``{doc}``.
-        target: The scored span; must contain ``{query}`` (query-likelihood head only).
+        source: Text before the scored span (``{doc}``); for ``rankllama`` the first segment (``{query}``).
+        target: The scored span (``{query}``); for ``rankllama`` the second segment (``{doc}``); unused by the
+            ``tsarank`` last-token prompt.
         max_doc_tokens: Document budget in tokens (without special tokens).
         max_query_tokens: Query budget in tokens (without special tokens).
         scoring_head: ``"query_likelihood"`` or ``"last_token"``.
+        style: ``"tsarank"``, ``"rankinggpt"`` or ``"rankllama"``.
+        max_length: Optional total budget; the document gets what the prompt and the query leave (RankingGPT's
+            evaluation rule, with its margin of 10 tokens), capped at ``max_doc_tokens``.
     """
 
     source: str = "Document: {doc} Query:"
@@ -38,26 +58,57 @@ class PromptTemplate:
     max_doc_tokens: int = 256
     max_query_tokens: int = 32
     scoring_head: str = QUERY_LIKELIHOOD
+    style: str = "tsarank"
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.scoring_head not in SCORING_HEADS:
             raise ValueError(f"scoring_head must be one of {SCORING_HEADS}, got {self.scoring_head!r}")
-        if "{doc}" not in self.source:
-            raise ValueError(f"template source must contain '{{doc}}', got {self.source!r}")
-        if self.scoring_head == QUERY_LIKELIHOOD and "{query}" not in self.target:
-            raise ValueError(f"template target must contain '{{query}}', got {self.target!r}")
-        if self.scoring_head == LAST_TOKEN and "{query}" not in self.source:
-            raise ValueError(f"a last_token template's source must contain '{{query}}', got {self.source!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"template style must be one of {STYLES}, got {self.style!r}")
+        need = {  # where each placeholder must be, per style and head
+            ("tsarank", QUERY_LIKELIHOOD): (("source", "{doc}"), ("target", "{query}")),
+            ("tsarank", LAST_TOKEN): (("source", "{doc}"), ("source", "{query}")),
+            ("rankinggpt", QUERY_LIKELIHOOD): (("source", "{doc}"), ("target", "{query}")),
+            ("rankllama", LAST_TOKEN): (("source", "{query}"), ("target", "{doc}")),
+        }.get((self.style, self.scoring_head))
+        if need is None:
+            head = QUERY_LIKELIHOOD if self.style == "rankinggpt" else LAST_TOKEN
+            raise ValueError(f"a {self.style!r} template scores with the {head} head, got {self.scoring_head!r}")
+        for part, placeholder in need:
+            if placeholder not in getattr(self, part):
+                raise ValueError(f"template {part} must contain '{placeholder}' ({self.style} style, "
+                                 f"{self.scoring_head} head), got {getattr(self, part)!r}")
         if self.max_doc_tokens < 0 or self.max_query_tokens < 1:
             raise ValueError(
                 f"token budgets must be max_doc_tokens >= 0 and max_query_tokens >= 1, got "
                 f"{self.max_doc_tokens} and {self.max_query_tokens}"
             )
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}")
 
     @classmethod
     def last_token(cls, **kw: Any) -> "PromptTemplate":
-        """RankLLaMA's prompt: ``"query: {query} document: {doc}</s>"``."""
+        """tsarank's last-token prompt: ``"query: {query} document: {doc}</s>"`` (one string, EOS appended)."""
         return cls(source="query: {query} document: {doc}", target="", scoring_head=LAST_TOKEN, **kw)
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> "PromptTemplate":
+        """A template by name (see :data:`NAMED_TEMPLATES`), with fields overridden (budgets, ...).
+
+        Raises:
+            ValueError: An unknown name; the message lists the known ones.
+        """
+        if name not in NAMED_TEMPLATES:
+            raise ValueError(f"unknown template {name!r}; known templates: {', '.join(NAMED_TEMPLATES)}")
+        return replace(NAMED_TEMPLATES[name], **overrides)
+
+    def with_budgets(self, max_doc_tokens: int | None = None, max_query_tokens: int | None = None,
+                     max_length: int | None = None) -> "PromptTemplate":
+        """The same template with the given budgets changed (``None`` keeps a budget)."""
+        changes = {k: v for k, v in (("max_doc_tokens", max_doc_tokens), ("max_query_tokens", max_query_tokens),
+                                     ("max_length", max_length)) if v is not None}
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +119,19 @@ class PromptTemplate:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+#: Templates by name: tsarank's own, and the released constructions of RankingGPT and RankLLaMA with the budgets of
+#: their released evaluations (RankingGPT: the document gets 512 minus prompt and query; RankLLaMA's usage scores
+#: untruncated pairs, cut here only beyond 512 document / 64 query tokens).
+NAMED_TEMPLATES: dict[str, PromptTemplate] = {
+    "tsarank": PromptTemplate(),
+    "tsarank-last-token": PromptTemplate.last_token(),
+    "rankinggpt": PromptTemplate(source="Document: {doc} Query:", target="{query}", style="rankinggpt",
+                                 max_doc_tokens=512, max_query_tokens=512, max_length=512),
+    "rankllama": PromptTemplate(source="query: {query}", target="document: {doc}", style="rankllama",
+                                scoring_head=LAST_TOKEN, max_doc_tokens=512, max_query_tokens=64),
+}
+
+
 @dataclass
 class EncodedPair:
     """One tokenized (query, doc) pair.
@@ -76,11 +140,20 @@ class EncodedPair:
         input_ids: Token ids of the full sequence, special tokens included.
         target_start: Index of the first scored (query) token; for ``last_token`` the index of the last token.
         target_end: One past the last scored token.
+        query_start: First token of the query (for ``query_likelihood`` the scored span itself; for ``last_token``
+            the query inside the prompt, which the ``query`` spans of L_gen / L_dp cover).
+        query_end: One past the query's last token.
     """
 
     input_ids: list[int]
     target_start: int
     target_end: int
+    query_start: int = -1
+    query_end: int = -1
+
+    def __post_init__(self) -> None:
+        if self.query_start < 0:
+            self.query_start, self.query_end = self.target_start, self.target_end
 
 
 def _truncate(tokenizer: Any, texts: Sequence[str], budget: int) -> list[str]:
@@ -125,34 +198,73 @@ def check_query(query: Any, where: str = "query") -> str:
     return query
 
 
+def _truncate_decode(tokenizer: Any, texts: Sequence[str], budgets: Sequence[int]) -> list[str]:
+    """RankingGPT's cut: ``decode(encode(text, add_special_tokens=False)[:budget])``, the text as the tokenizer writes
+    it back (its released code round-trips every document this way, within budget or not)."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(x[: max(b, 0)]) for x, b in zip(ids, budgets)]
+
+
+def _query_token_span(offsets: Sequence[tuple[int, int]], start: int, end: int,
+                      sequence_ids: Sequence[int | None] | None = None, sequence: int = 0) -> tuple[int, int]:
+    """First and one-past-last token overlapping the characters ``[start, end)`` (of segment ``sequence``)."""
+    hits = [i for i, (s, e) in enumerate(offsets)
+            if e > s and s < end and e > start and (sequence_ids is None or sequence_ids[i] == sequence)]
+    if not hits:
+        raise ValueError("the query produced no tokens inside the prompt")
+    return hits[0], hits[-1] + 1
+
+
+def _prefix_before_query(template: PromptTemplate, part: str, doc: str) -> str:
+    """The text of ``part`` (a template string) before its ``{query}``, with the document filled in."""
+    return part.split("{query}", 1)[0].replace("{doc}", doc)
+
+
 def encode_pairs(
     tokenizer: Any, template: PromptTemplate, queries: Sequence[str], docs: Sequence[str]
 ) -> list[EncodedPair]:
     """Tokenize (query, doc) pairs with the template, truncating each part to its budget first.
 
     Args:
-        tokenizer: A fast HF tokenizer (offset mapping is needed to locate the query span).
-        template: The prompt template and budgets.
+        tokenizer: A HF tokenizer; the ``tsarank`` and ``rankllama`` styles need a fast one (character offsets
+            locate the query), the ``rankinggpt`` style works with any (as its released code did).
+        template: The prompt template and budgets (see :class:`PromptTemplate` for the three styles).
         queries: Query texts, length N.
         docs: Document texts, length N (may be empty strings).
 
     Returns:
-        N :class:`EncodedPair`, the scored span located by character offsets so that tokenizers that merge
-        across the boundary or add special tokens still get the right span.
+        N :class:`EncodedPair`.
     """
     if len(queries) != len(docs):
         raise ValueError(f"got {len(queries)} queries but {len(docs)} docs")
     if not queries:
         return []
+    if template.style == "rankinggpt":
+        return _encode_rankinggpt(tokenizer, template, queries, docs)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tsarank needs a fast (Rust) tokenizer to locate the query span; load it with use_fast=True")
     qs = _truncate(tokenizer, queries, template.max_query_tokens)
     ds = _truncate(tokenizer, docs, template.max_doc_tokens)
+    if template.style == "rankllama":
+        firsts = [template.source.format(query=q) for q in qs]
+        enc = tokenizer(firsts, [template.target.format(doc=d) for d in ds], add_special_tokens=True,
+                        return_offsets_mapping=True)
+        out = []
+        for i, (q, ids, offsets) in enumerate(zip(qs, enc["input_ids"], enc["offset_mapping"])):
+            start = len(_prefix_before_query(template, template.source, ""))
+            qs_, qe = _query_token_span(offsets, start, start + len(q), enc.sequence_ids(i), 0)
+            out.append(EncodedPair(list(ids), len(ids) - 1, len(ids), qs_, qe))
+        return out
     if template.scoring_head == LAST_TOKEN:
         eos = tokenizer.eos_token or ""
         texts = [template.source.format(doc=d, query=q) + eos for q, d in zip(qs, ds)]
-        enc = tokenizer(texts, add_special_tokens=True)
-        return [EncodedPair(ids, len(ids) - 1, len(ids)) for ids in enc["input_ids"]]
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        out = []
+        for q, d, ids, offsets in zip(qs, ds, enc["input_ids"], enc["offset_mapping"]):
+            start = len(_prefix_before_query(template, template.source, d))
+            qs_, qe = _query_token_span(offsets, start, start + len(q))
+            out.append(EncodedPair(list(ids), len(ids) - 1, len(ids), qs_, qe))
+        return out
 
     sources = [template.source.format(doc=d) for d in ds]
     texts = [s + template.target.format(query=q) for s, q in zip(sources, qs)]
@@ -165,4 +277,31 @@ def encode_pairs(
         if not span:
             raise ValueError(f"query produced no tokens after the template source {src[-40:]!r}")
         out.append(EncodedPair(list(ids), span[0], span[-1] + 1))
+    return out
+
+
+def _encode_rankinggpt(
+    tokenizer: Any, template: PromptTemplate, queries: Sequence[str], docs: Sequence[str]
+) -> list[EncodedPair]:
+    """RankingGPT's construction (pretrain.py / sft.py / eval.py), see :class:`PromptTemplate`."""
+    q_ids = tokenizer(list(queries), add_special_tokens=False)["input_ids"]
+    # A query is cut only beyond its budget (eval.py never cuts it; sft.py round-trips it at 32 tokens).
+    qs = [q if len(ids) <= template.max_query_tokens else tokenizer.decode(ids[: template.max_query_tokens])
+          for q, ids in zip(queries, q_ids)]
+    budgets = [template.max_doc_tokens] * len(qs)
+    if template.max_length is not None:
+        # eval.py: passage_max_len = 512 - prompt_len - query_len - 10, both lengths with special tokens.
+        prompt_len = len(tokenizer(template.source)["input_ids"])
+        query_lens = [len(ids) for ids in tokenizer(qs)["input_ids"]]
+        budgets = [min(b, template.max_length - prompt_len - n - RANKINGGPT_MARGIN) for b, n in zip(budgets, query_lens)]
+    ds = _truncate_decode(tokenizer, docs, budgets)
+    sources = [template.source.format(doc=d).replace("[PAD]", "PAD") for d in ds]
+    texts = [s + template.target.format(query=q.replace("[PAD]", "PAD")) for s, q in zip(sources, qs)]
+    ids = tokenizer(texts)["input_ids"]
+    source_lens = [len(x) for x in tokenizer(sources)["input_ids"]]
+    out = []
+    for seq, n_src in zip(ids, source_lens):
+        if n_src >= len(seq):
+            raise ValueError("the query produced no tokens after the template source")
+        out.append(EncodedPair(list(seq), n_src, len(seq)))
     return out

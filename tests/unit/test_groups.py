@@ -202,10 +202,12 @@ def test_collator_teacher_and_last_token(tiny_tokenizer):
     batch = GroupCollator(tiny_tokenizer, template, group_size=2)(examples)
     assert batch["teacher"].tolist() == [[1.0, 0.5], [0.0, 2.0]]
     last = batch["attention_mask"].sum(1) - 1
-    # last_token: the only "query" position is the last real token (the EOS the template appends).
-    assert batch["query_mask"].sum(1).tolist() == [1, 1, 1, 1]
-    assert batch["query_mask"].float().argmax(1).tolist() == last.tolist()
+    # last_token: the last real token (the EOS the template appends) is scored; the query mask covers the query
+    # inside the prompt ("query: {query} document: ..."), which the 'query' spans of L_gen / L_dp use.
     assert (batch["input_ids"][torch.arange(4), last] == tiny_tokenizer.eos_token_id).all()
+    for r, query in enumerate(["q one", "q one", "q two", "q two"]):
+        assert tiny_tokenizer.decode(batch["input_ids"][r][batch["query_mask"][r]]).strip() == query
+        assert not batch["query_mask"][r, last[r]]
 
 
 def test_collator_checks(tiny_tokenizer):

@@ -155,3 +155,53 @@ def test_errors(tiny_tokenizer):
     with pytest.raises(ValueError, match="scoring_head"):
         PromptTemplate(scoring_head="cls")
     assert PromptTemplate.from_dict(PromptTemplate.last_token().to_dict() | {"unknown": 1}) == PromptTemplate.last_token()
+
+
+# ------------------------------------------------------------------------------------------ released constructions
+LONG = " ".join(f"word{i} is here, and (this) part: {i * 7}" for i in range(120))  # > 512 tokens
+
+
+def released_rankinggpt_eval(tokenizer, query: str, passage: str) -> tuple[list[int], int]:
+    """RankingGPT's eval.py, written out as released: (input ids, number of source tokens = the label mask)."""
+    prompt = "Document: {doc} Query:"
+    prompt_len = len(tokenizer.encode(prompt))
+    query = query.replace("[PAD]", "PAD")
+    passage_max_len = 512 - prompt_len - len(tokenizer.encode(query)) - 10
+    doc = tokenizer.decode(tokenizer.encode(passage, max_length=passage_max_len, add_special_tokens=False,
+                                            truncation=True))
+    source = prompt.format(doc=doc).replace("[PAD]", "PAD")
+    return tokenizer(source + query)["input_ids"], len(tokenizer(source)["input_ids"])
+
+
+def released_rankinggpt_sft(tokenizer, query: str, passage: str, len_query=32, len_doc=128) -> tuple[list[int], int]:
+    """RankingGPT's sft.py SupervisedDataset, as released."""
+    def truncation(text, length):
+        return tokenizer.decode(tokenizer.encode(text, max_length=length, add_special_tokens=False, truncation=True))
+
+    query = truncation(query, len_query)
+    source = "Document: {passage} Query:".format(passage=truncation(passage, len_doc))
+    return tokenizer(source + query)["input_ids"], len(tokenizer(source)["input_ids"])
+
+
+@pytest.mark.parametrize("which", ["tiny", "default_model"])
+def test_rankinggpt_template_equals_the_released_construction(which, tiny_tokenizer, request):
+    """Same token ids and the same scored span as RankingGPT's eval.py and sft.py, long documents included; the
+    query follows 'Query:' with no space, unlike tsarank's own template."""
+    if which == "tiny":
+        tok = tiny_tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(request.getfixturevalue("default_model_dir"))
+    pairs = [("what is the capital of france", "Paris is the capital and largest city of France."),
+             ("long document query", LONG), ("a b c", "")]
+    evaluation = PromptTemplate.named("rankinggpt")
+    training = PromptTemplate.named("rankinggpt", max_doc_tokens=128, max_query_tokens=32, max_length=None)
+    for template, released in ((evaluation, released_rankinggpt_eval), (training, released_rankinggpt_sft)):
+        got = encode_pairs(tok, template, [q for q, _ in pairs], [d for _, d in pairs])
+        for (q, d), e in zip(pairs, got):
+            ids, n_source = released(tok, q, d)
+            assert e.input_ids == ids and (e.target_start, e.target_end) == (n_source, len(ids)), (q, template)
+    own = encode_pairs(tok, PromptTemplate(), [pairs[0][0]], [pairs[0][1]])[0]
+    released_ids, _ = released_rankinggpt_eval(tok, *pairs[0])
+    assert own.input_ids != released_ids  # " what" vs "what": the first query token differs

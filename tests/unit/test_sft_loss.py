@@ -163,13 +163,14 @@ def test_equivalence_other_group_losses(tiny_tokenizer, policy_and_ref, tmp_path
     assert_grads_close(g_got, g_exp)
 
 
-def test_equivalence_last_token_head(tiny_tokenizer, policy_and_ref, tmp_path):
+@pytest.mark.parametrize("span", ["all", "query"])
+def test_equivalence_last_token_head(tiny_tokenizer, policy_and_ref, tmp_path, span):
+    """The last-token head with L_gen / L_dp over every token or over the query inside its prompt."""
     policy, ref_model = policy_and_ref
     batch = make_batch(tiny_tokenizer, PromptTemplate.last_token(max_doc_tokens=24, max_query_tokens=8))
     torch.manual_seed(3)
     head = LastTokenHead(policy.config.hidden_size)
-    cfg = RankingLossConfig(group_size=G, scoring_head="last_token", dp_span="all", gen_span="all",
-                            score_transform="logprob", temperature=1.0)
+    cfg = RankingLossConfig(group_size=G, scoring_head="last_token", dp_span=span, gen_span=span)
     got, expected, g_got, g_exp, trainer = run_both(policy, ref_model, batch, cfg, tmp_path, score_head=head)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     g_got.pop(f"{SCORE_HEAD_ATTR}.linear.weight")  # the head is part of the policy for the optimizer
@@ -182,9 +183,14 @@ def test_equivalence_last_token_head(tiny_tokenizer, policy_and_ref, tmp_path):
     assert id(head.linear.weight) in in_opt and id(head.linear.bias) in in_opt
 
 
-def test_last_token_rejects_query_span():
-    with pytest.raises(ValueError, match="last_token"):
-        RankingLossConfig(scoring_head="last_token", dp_span="query")
+def test_last_token_defaults_and_refuses_prob():
+    """The last-token head's score is an unbounded linear value: its defaults are logprob and tau 1 (the
+    query-likelihood defaults, exp(score)/0.001, would explode), and an explicit 'prob' is refused."""
+    cfg = RankingLossConfig(scoring_head="last_token", dp_span="query", gen_span="query")
+    assert (cfg.score_transform, cfg.temperature) == ("logprob", 1.0)
+    assert (RankingLossConfig().score_transform, RankingLossConfig().temperature) == ("prob", 0.001)
+    with pytest.raises(ValueError, match="explodes"):
+        RankingLossConfig(scoring_head="last_token", score_transform="prob")
 
 
 def test_hand_computed_l_rank():

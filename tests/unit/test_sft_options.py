@@ -87,7 +87,7 @@ def gfile(tmp_path):
         (["--use_lora", "true", "--train_top_layers", "2"], "use_lora and train_top_layers are both set"),
         (["--train_group_size", "0"], "train_group_size must be >= 1"),
         (["--temperature", "0"], "temperature and distill_temperature must be > 0"),
-        (["--scoring_head", "last_token", "--lambda_dp", "1", "--dp_span", "query"], "dp_span='all'"),
+        (["--scoring_head", "last_token", "--score_transform", "prob"], "exp(score)/tau explodes"),
         (["--no_such_option", "1"], "unknown option 'no_such_option'"),
         (["--ref_model_name_or_path", "./nowhere/model"], "no such directory"),
     ],
@@ -121,10 +121,17 @@ def test_non_empty_output_dir_is_refused(gfile, tmp_path, capsys):
 
 def test_templates():
     data = sft.DataArguments(max_doc_tokens=100, max_query_tokens=20)
-    assert data.template("last_token") == PromptTemplate.last_token(max_doc_tokens=100, max_query_tokens=20)
-    assert data.template() == PromptTemplate(max_doc_tokens=100, max_query_tokens=20)
+    assert data.prompt_template("last_token") == PromptTemplate.last_token(max_doc_tokens=100, max_query_tokens=20)
+    assert data.prompt_template() == PromptTemplate(max_doc_tokens=100, max_query_tokens=20)
     with pytest.raises(sft.OptionError, match="template"):
-        sft.DataArguments(template_source="no placeholder").template()
+        sft.DataArguments(template_source="no placeholder").prompt_template()
+    # Named templates get the run's budgets (and no evaluation-time total budget).
+    named = sft.DataArguments(template="rankinggpt", max_doc_tokens=128, max_query_tokens=32).prompt_template()
+    assert named == PromptTemplate.named("rankinggpt", max_doc_tokens=128, max_query_tokens=32, max_length=None)
+    with pytest.raises(sft.OptionError, match="--scoring_head last_token"):
+        sft.DataArguments(template="rankllama").prompt_template()
+    with pytest.raises(sft.OptionError, match="one or the other"):
+        sft.DataArguments(template="rankinggpt", template_source="Passage: {doc} Q:").prompt_template()
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "sft" / "configs").glob("*.yaml")))

@@ -157,8 +157,9 @@ class GroupCollator:
         group_size: ``G``; every example must carry exactly ``G`` docs.
 
     Returns (``__call__``):
-        ``input_ids [B*G, L]`` long, ``attention_mask [B*G, L]`` long, ``query_mask [B*G, L]`` bool (the scored
-        query tokens from :func:`~tsarank.prompts.encode_pairs`; for the ``last_token`` head the last token),
+        ``input_ids [B*G, L]`` long, ``attention_mask [B*G, L]`` long, ``query_mask [B*G, L]`` bool (the query
+        tokens from :func:`~tsarank.prompts.encode_pairs`: the scored span of the query-likelihood head, the query
+        inside the prompt of the ``last_token`` head, which scores the last token),
         and ``teacher [B, G]`` float when the examples carry teacher scores.
     """
 
@@ -185,7 +186,7 @@ class GroupCollator:
         for i, e in enumerate(enc):
             input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
             attention_mask[i, : len(e.input_ids)] = 1
-            query_mask[i, e.target_start : e.target_end] = True
+            query_mask[i, e.query_start : e.query_end] = True
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "query_mask": query_mask}
         teachers = [ex.get("teacher") for ex in examples]
         if any(t is not None for t in teachers):

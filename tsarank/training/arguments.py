@@ -87,6 +87,10 @@ class DataArguments:
 
     train_file: str | None = field(default=None, metadata={"help": "training JSONL (weak pairs or ranking groups)"})
     validation_file: str | None = field(default=None, metadata={"help": "validation JSONL (same format)"})
+    template: str | None = field(
+        default=None, metadata={"help": "a named template: tsarank | rankinggpt (the released RankingGPT construction: "
+                                "no space before the query) | rankllama | tsarank-last-token; default: template_source "
+                                "and template_target"})
     template_source: str = field(default="Document: {doc} Query:", metadata={"help": "text before the query"})
     template_target: str = field(default=" {query}", metadata={"help": "the scored span"})
     max_doc_tokens: int = field(default=128, metadata={"help": "document budget in tokens (cut before templating)"})
@@ -100,27 +104,40 @@ class DataArguments:
     rank_eval_top_k: int = field(default=20, metadata={"help": "candidates per query for the ranking evaluation"})
     rank_eval_max_queries: int | None = field(default=None, metadata={"help": "cap on queries for that evaluation"})
 
-    def template(self, scoring_head: str = "query_likelihood"):
+    def prompt_template(self, scoring_head: str = "query_likelihood"):
         """The :class:`tsarank.prompts.PromptTemplate` of this run (saved in the sidecar, so scoring reproduces it).
 
-        For the ``last_token`` head the query-likelihood default source (which has no ``{query}``) becomes
-        RankLLaMA's prompt; a source of the user's own is kept.
+        With ``template`` a named template (``tsarank``, ``rankinggpt``, ``rankllama``...) with this run's budgets;
+        otherwise ``template_source`` / ``template_target``. For the ``last_token`` head the query-likelihood default
+        source (which has no ``{query}``) becomes tsarank's last-token prompt; a source of the user's own is kept.
 
         Raises:
-            ValueError: A template that does not fit the head (say which placeholder is missing).
+            OptionError: A template that does not fit the head, or a name together with template_source/target.
         """
         from ..prompts import LAST_TOKEN, PromptTemplate
 
         budgets = dict(max_doc_tokens=self.max_doc_tokens, max_query_tokens=self.max_query_tokens)
+        defaults = DataArguments.__dataclass_fields__
+        custom = (self.template_source != defaults["template_source"].default
+                  or self.template_target != defaults["template_target"].default)
         try:
+            if self.template is not None:
+                if custom:
+                    raise ValueError("--template names a template; --template_source / --template_target write one. "
+                                     "Give one or the other")
+                named = PromptTemplate.named(self.template, max_length=None, **budgets)
+                if named.scoring_head != scoring_head:
+                    raise ValueError(f"the {self.template!r} template scores with the {named.scoring_head} head, "
+                                     f"this run with {scoring_head}. Fix: --scoring_head {named.scoring_head}")
+                return named
             if scoring_head == LAST_TOKEN:
-                if self.template_source == DataArguments.__dataclass_fields__["template_source"].default:
+                if self.template_source == defaults["template_source"].default:
                     return PromptTemplate.last_token(**budgets)
                 return PromptTemplate(source=self.template_source, target="", scoring_head=LAST_TOKEN, **budgets)
             return PromptTemplate(source=self.template_source, target=self.template_target, scoring_head=scoring_head,
                                   **budgets)
         except ValueError as exc:
-            raise OptionError(f"template: {exc}. Fix: --template_source / --template_target") from None
+            raise OptionError(f"template: {exc}.") from None
 
 
 @dataclass
@@ -164,8 +181,12 @@ class SFTArguments:
 
     train_group_size: int = field(default=16, metadata={"help": "G: 1 positive + G-1 negatives per query (paper: 48)"})
     loss: str = field(default="softmax", metadata={"help": "softmax | point_ce | pair | poly1 | distill_kl | ranknet"})
-    temperature: float = field(default=0.001, metadata={"help": "tau of the listwise softmax (paper: 0.001)"})
-    score_transform: str = field(default="prob", metadata={"help": "f(s): prob = exp (paper) | logprob = identity"})
+    temperature: float | None = field(
+        default=None, metadata={"help": "tau of the listwise softmax; default 0.001 (paper) for query_likelihood, 1 for "
+                                "last_token"})
+    score_transform: str | None = field(
+        default=None, metadata={"help": "f(s): prob = exp (paper) | logprob = identity; default prob for "
+                                "query_likelihood, logprob for last_token (prob is refused there)"})
     poly_epsilon: float = field(default=1.0, metadata={"help": "epsilon of the Poly-1 loss"})
     distill_temperature: float = field(default=1.0, metadata={"help": "T of the distillation KL"})
     lambda_gen: float = field(default=1.0, metadata={"help": "weight of the generation loss L_gen"})

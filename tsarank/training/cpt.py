@@ -108,7 +108,7 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     barrier()  # every process has checked the directory before any of them writes into it
     set_seed(training_args.seed)
 
-    template = data_args.template()
+    template = data_args.prompt_template()
     callbacks = standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early
     # Data before the model (and before the default model's first-use conversion): a bad line fails in seconds,
     # with its file:line, not after loading 8B weights.

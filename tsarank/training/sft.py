@@ -72,7 +72,7 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
         OptionError: With what to change.
     """
     loss_config = sft_args.loss_config()
-    template = data_args.template(sft_args.scoring_head)
+    template = data_args.prompt_template(sft_args.scoring_head)
     if sft_args.init_from:
         init = Path(sft_args.init_from)
         if init.exists():

@@ -5,7 +5,8 @@ policy's final hidden states (padded or packed rows, :class:`tsarank.packing.Mod
 needs are gathered -- a row ``(r, p)`` is the hidden state at position ``p`` that predicts token ``p + 1``:
 
 - scores: the query tokens of every sequence (``query_likelihood``) or the last token (``last_token``);
-- ``L_gen``: the positive's tokens 1.. (span ``all``) or its query tokens (span ``query``);
+- ``L_gen``: the positive's tokens 1.. (span ``all``) or its query tokens (span ``query``; for ``last_token``
+  the query inside its prompt);
 - ``L_dp``: the query tokens of every sequence (span ``query``) or every non-pad token 1.. (span ``all``);
 
 and :func:`tsarank.row_head.row_logprobs` computes their log-probabilities (and the KL to the frozen reference on
@@ -43,8 +44,11 @@ class RankingLossConfig:
     Attributes:
         group_size: ``G`` (rows per group in the batch).
         loss: Group loss name in :data:`tsarank.losses.LOSSES`.
-        temperature: ``tau`` of the listwise / Poly-1 softmax.
-        score_transform: ``"prob"`` (``exp``, paper) or ``"logprob"``, listwise softmax only.
+        temperature: ``tau`` of the listwise / Poly-1 softmax; ``None`` = the head's default: 0.001 (paper) for
+            ``query_likelihood``, 1 for ``last_token``.
+        score_transform: ``"prob"`` (``exp``, paper) or ``"logprob"``, listwise softmax only; ``None`` = the head's
+            default: ``prob`` for ``query_likelihood`` (scores are mean log-probabilities), ``logprob`` for
+            ``last_token`` (an unbounded linear score, whose ``exp`` would overflow).
         poly_epsilon: ``epsilon`` of Poly-1.
         distill_temperature: ``T`` of the distillation KL.
         lambda_gen: Weight of ``L_gen`` (0 = off).
@@ -59,8 +63,8 @@ class RankingLossConfig:
 
     group_size: int = 16
     loss: str = "softmax"
-    temperature: float = 0.001
-    score_transform: str = "prob"
+    temperature: float | None = None
+    score_transform: str | None = None
     poly_epsilon: float = 1.0
     distill_temperature: float = 1.0
     lambda_gen: float = 1.0
@@ -73,13 +77,24 @@ class RankingLossConfig:
 
     def __post_init__(self) -> None:
         get_loss(self.loss)  # unknown names fail here, with the list of valid ones
+        if self.scoring_head not in SCORING_HEADS:
+            raise ValueError(f"scoring_head must be one of {SCORING_HEADS}, got {self.scoring_head!r}")
+        last_token = self.scoring_head == LAST_TOKEN
+        if self.score_transform is None:
+            self.score_transform = "logprob" if last_token else "prob"
+        if self.temperature is None:
+            self.temperature = 1.0 if last_token else 0.001
+        if last_token and self.score_transform == "prob":
+            raise ValueError(
+                "score_transform 'prob' (exp of the score) is for the query-likelihood head, whose scores are mean "
+                "log-probabilities <= 0; the last_token head's linear score is unbounded and exp(score)/tau "
+                "explodes. Fix: drop score_transform (the last_token default is 'logprob', temperature 1)."
+            )
         if self.group_size < 1:
             raise ValueError(f"train_group_size must be >= 1 (1 positive + G-1 negatives), got {self.group_size}")
         for name in ("gen_span", "dp_span"):
             if getattr(self, name) not in SPANS:
                 raise ValueError(f"{name} must be one of {SPANS}, got {getattr(self, name)!r}")
-        if self.scoring_head not in SCORING_HEADS:
-            raise ValueError(f"scoring_head must be one of {SCORING_HEADS}, got {self.scoring_head!r}")
         if self.score_transform not in TRANSFORMS:
             raise ValueError(f"score_transform must be 'prob' (exp, the paper's) or 'logprob', got "
                              f"{self.score_transform!r}")
@@ -92,13 +107,6 @@ class RankingLossConfig:
         if self.group_size == 1 and self.lambda_gen == 0 and self.lambda_dp == 0:
             raise ValueError("train_group_size 1 has no negatives, so the ranking loss has nothing to compare; use a "
                              "group size >= 2")
-        if self.scoring_head == LAST_TOKEN:
-            for name, lam in (("gen_span", self.lambda_gen), ("dp_span", self.lambda_dp)):
-                if lam > 0 and getattr(self, name) == "query":
-                    raise ValueError(
-                        f"{name}='query' needs a scored query span, which the last_token head does not have "
-                        f"(its query sits inside the prompt); use {name}='all' or set its lambda to 0"
-                    )
         if self.logit_chunk_rows is not None and self.logit_chunk_rows < 1:
             raise ValueError(f"logit_chunk_rows must be >= 1 or None, got {self.logit_chunk_rows}")
 
