@@ -274,8 +274,10 @@ GUARD_SCRIPT = textwrap.dedent('''
             control = guard.on_step_end(args, TrainerState(global_step=5), TrainerControl())
     finally:
         torch.set_default_device("cpu")
-    print(json.dumps({"rank": rank, "devices": devices, "model": args.device.type, "syncs": Syncs.n,
-                      "stop": control.should_training_stop, "params": sum(1 for _ in model.parameters())}))
+    # one file per rank: two ranks printing to one pipe can interleave their lines
+    with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "devices": devices, "model": args.device.type, "syncs": Syncs.n,
+                   "stop": control.should_training_stop, "params": sum(1 for _ in model.parameters())}, f)
 ''')
 
 
@@ -283,10 +285,9 @@ GUARD_SCRIPT = textwrap.dedent('''
 def test_nan_guard_collective_on_model_device_one_sync(tmp_path, weights):
     script = tmp_path / "guard.py"
     script.write_text(GUARD_SCRIPT)
-    log = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                _free_port(), script, tmp_path / "out", weights], tmp_path, timeout=300)
-    results = sorted((json.loads(line) for line in log.splitlines() if line.startswith('{"rank"')),
-                     key=lambda r: r["rank"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+          _free_port(), script, tmp_path / "out", weights, tmp_path], tmp_path, timeout=300)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["devices"] == [r["model"]]  # exactly one collective, on the model's device
