@@ -27,6 +27,7 @@ __all__ = [
     "native_bf16",
     "resolve_dtype",
     "resolve_attn_implementation",
+    "from_pretrained_attn",
 ]
 
 FLASH_ATTENTION = "flash_attention_2"
@@ -119,3 +120,13 @@ def resolve_attn_implementation(
             + ". Fix: attn_implementation='auto' picks SDPA where FlashAttention-2 cannot run."
         )
     return requested
+
+
+def from_pretrained_attn(
+    requested: str | None, device: torch.device | str | None, dtype: torch.dtype | str | None = None
+) -> str | None:
+    """The ``attn_implementation`` to pass to ``from_pretrained``: :func:`resolve_attn_implementation`, except that
+    ``"auto"`` without FlashAttention-2 gives ``None``, transformers' own choice: SDPA where the architecture has it,
+    eager where it has not (BLOOM, used by RankingGPT-bloom-560m, has no SDPA path and refuses ``"sdpa"``)."""
+    chosen = resolve_attn_implementation(requested, device, dtype)
+    return None if (requested or "auto") == "auto" and chosen == "sdpa" else chosen

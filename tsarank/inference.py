@@ -8,9 +8,7 @@ batches under a token budget (little padding), the LM head runs only on the quer
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -18,8 +16,7 @@ from torch import nn
 
 from .backend import resolve_device, resolve_dtype
 from .distributed import world
-from .hub import CONFIG_NAME, load_tsarank_config
-from .modeling import HEAD_WEIGHTS, LastTokenHead, last_token_scores, load_causal_lm, query_likelihood_scores
+from .modeling import LastTokenHead, last_token_scores, query_likelihood_scores
 from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, encode_pairs
 from .wrappers import is_zero3_param
 
@@ -107,8 +104,9 @@ class Ranker:
         # full parameters itself, and tensors it made under inference_mode could not take part in the next training
         # step's backward. no_grad there; inference_mode (a little faster) everywhere else.
         self._no_grad_only = any(is_zero3_param(p) for p in model.parameters())
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad if pad is not None else 0)
+        from .loading import pad_id_of
+
+        self.pad_id = pad_id_of(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -124,37 +122,44 @@ class Ranker:
         dtype: str | torch.dtype | None = None,
         attn_implementation: str = "auto",
         max_tokens: int | None = None,
-        template: PromptTemplate | None = None,
+        template: PromptTemplate | str | None = None,
+        max_doc_tokens: int | None = None,
+        max_query_tokens: int | None = None,
+        max_length: int | None = None,
+        trust_remote_code: bool = False,
     ) -> "Ranker":
-        """Load a full checkpoint, a merged one, a LoRA adapter directory, or a Hub id.
+        """Load a tsarank checkpoint, any causal LM, a LoRA adapter directory, or a published ranker, by path or Hub
+        id (through the HF cache; ``HF_HUB_OFFLINE`` is honoured).
 
-        ``tsarank_config.json`` (template, scoring head, budgets) is read when present; otherwise the default
-        :class:`~tsarank.prompts.PromptTemplate` applies. Hub ids go through the HF cache and honour ``HF_HUB_OFFLINE``.
+        What the checkpoint is, and which template and head it scores with, is decided by
+        :func:`tsarank.loading.resolve_checkpoint`: its ``tsarank_config.json``; a RankLLaMA-style LoRA
+        sequence-classification adapter; a RankingGPT checkpoint (by name); any other causal LM with tsarank's
+        default template.
+
+        Args:
+            name_or_path: Checkpoint directory or Hub id.
+            device: Default: CUDA when available.
+            dtype: Default: bf16 on GPUs that compute it natively, else fp32.
+            attn_implementation: ``"auto"`` (FlashAttention-2 where it can run, else SDPA) or a name.
+            max_tokens: Padded tokens per batch.
+            template: A :class:`~tsarank.prompts.PromptTemplate` or a name (``tsarank``, ``rankinggpt``,
+                ``rankllama``, ...) to score with instead of the checkpoint's own.
+            max_doc_tokens: Document budget instead of the template's (the checkpoint's training budget).
+            max_query_tokens: Query budget instead of the template's.
+            max_length: Total budget: the document gets what the prompt and the query leave (RankingGPT's eval).
+            trust_remote_code: Allow a checkpoint's own modelling code (RankingGPT-qwen-7b, -baichuan2-7b).
         """
-        from transformers import AutoTokenizer
+        from .loading import load_for_scoring, resolve_checkpoint
 
         device = resolve_device(device)
-        local = Path(name_or_path)
-        meta_dir = local if local.is_dir() else _hub_sidecar_dir(name_or_path)
-        meta = load_tsarank_config(meta_dir) if meta_dir is not None else None
-        if template is None:
-            template = meta["template"] if meta else PromptTemplate()
-        model_kw = dict(dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation, device=device)
-        tokenizer_source = name_or_path
-        if local.is_dir() and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
-            model, base = _load_lora(local, model_kw)
-            # An adapter directory often holds no tokenizer of its own: use the base model's then.
-            if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-                tokenizer_source = base
-        else:
-            model = load_causal_lm(name_or_path, **model_kw)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        head = None
-        if template.scoring_head == LAST_TOKEN:
-            if meta_dir is None or not (Path(meta_dir) / HEAD_WEIGHTS).is_file():
-                raise FileNotFoundError(f"{name_or_path}: last_token checkpoint without {HEAD_WEIGHTS}")
-            head = LastTokenHead.load(str(meta_dir), model.config.hidden_size)
-        return cls(model, tokenizer, template, head=head, max_tokens=max_tokens)
+        spec = resolve_checkpoint(name_or_path, template)
+        chosen = spec.template.with_budgets(max_doc_tokens, max_query_tokens, max_length)  # bad budgets: before loading
+        model, tokenizer, head = load_for_scoring(
+            spec, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation, device=device,
+            trust_remote_code=trust_remote_code,
+        )
+        logger.info("%s: %s checkpoint, %s template", name_or_path, spec.kind, chosen.style)
+        return cls(model, tokenizer, chosen, head=head, max_tokens=max_tokens)
 
     @classmethod
     def default(cls, **kwargs: Any) -> "Ranker":
@@ -244,39 +249,3 @@ class Ranker:
         scores = self.score(query, docs)
         ranked = sorted(enumerate(scores), key=lambda t: (-t[1], t[0]))
         return ranked[:top_k] if top_k is not None else ranked
-
-
-def _hub_sidecar_dir(name: str) -> str | None:
-    """Fetch ``tsarank_config.json`` (and a last-token head) of a Hub model into the HF cache, if any."""
-    try:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(name, CONFIG_NAME)
-    except Exception as e:  # noqa: BLE001 - offline, missing file or no such repo: fall back to defaults
-        logger.info("no %s for %s (%s); using default template", CONFIG_NAME, name, type(e).__name__)
-        return None
-    try:
-        hf_hub_download(name, HEAD_WEIGHTS)
-    except Exception:  # noqa: BLE001 - only last_token checkpoints have one
-        pass
-    return os.path.dirname(path)
-
-
-def _load_lora(directory: Path, model_kw: dict[str, Any]) -> tuple[nn.Module, str]:
-    """Load base model + LoRA adapter and merge for inference (merged weights are faster to run).
-
-    Returns:
-        ``(merged model, base model name or path)``.
-    """
-    import json
-
-    from peft import PeftModel
-
-    base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(
-            f"{directory / 'adapter_config.json'} names no base_model_name_or_path; set it to the base checkpoint's "
-            "path or Hub id"
-        )
-    model = load_causal_lm(base, **model_kw)
-    return PeftModel.from_pretrained(model, str(directory)).merge_and_unload(), base

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import resolve_attn_implementation, resolve_device, resolve_dtype
+from .backend import from_pretrained_attn, resolve_device, resolve_dtype
 from .packing import ModelInputs, can_pack, pack_sequences, padded_inputs
 from .row_head import LogitTransform, row_logprobs, segment_mean, target_rows
 from .wrappers import call_as_forward, unwrap_model
@@ -70,7 +70,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype, device)
-    attn = resolve_attn_implementation(attn_implementation, device, compute_dtype or torch_dtype)
+    attn = from_pretrained_attn(attn_implementation, device, compute_dtype or torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
     if device is not None:
         model.to(resolve_device(device))
@@ -85,7 +85,10 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     working when they are called.
     """
     lm = unwrap_model(model)
+    # A *ForSequenceClassification ranker (RankLLaMA) has no LM head: its `score` layer is the head.
     head = lm.get_output_embeddings()
+    if head is None:
+        head = getattr(lm, "score", None)
     body = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix, None)
     if head is None or body is None:
         raise TypeError(f"{type(lm).__name__} has no output embeddings / decoder; is it a causal LM?")
@@ -179,7 +182,8 @@ def forward_hidden(model: nn.Module, inputs: ModelInputs) -> tuple[torch.Tensor,
     kwargs = dict(inputs.model_kwargs(), use_cache=False)
     lm = unwrap_model(model)
     try:
-        if getattr(lm, "_tsarank_no_logits_to_keep", False):
+        # A sequence-classification ranker has no LM head to limit (and no logits_to_keep argument).
+        if getattr(lm, "_tsarank_no_logits_to_keep", False) or lm.get_output_embeddings() is None:
             out = model(**kwargs)
         else:
             try:
@@ -238,11 +242,19 @@ def query_likelihood_scores(
 
 
 class LastTokenHead(nn.Module):
-    """RankLLaMA's scoring head: ``score = w . h_last + b`` on the hidden state of the final (EOS) token."""
+    """RankLLaMA's scoring head: ``score = w . h_last (+ b)`` on the hidden state of the final token."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, bias: bool = True) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
+        self.linear = nn.Linear(hidden_size, 1, bias=bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "LastTokenHead":
+        """Wrap an existing ``[1, H]`` layer (a sequence-classification model's ``score``), sharing its weights."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.linear = linear
+        return head
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows [B, H]`` (the last tokens' hidden states) -> scores ``[B]``, computed in fp32.
@@ -278,8 +290,9 @@ class LastTokenHead(nn.Module):
     def load(cls, directory: str, hidden_size: int) -> "LastTokenHead":
         from safetensors.torch import load_file
 
-        head = cls(hidden_size)
-        head.load_state_dict(load_file(f"{directory}/{HEAD_WEIGHTS}"))
+        state = load_file(f"{directory}/{HEAD_WEIGHTS}")
+        head = cls(hidden_size, bias="linear.bias" in state)
+        head.load_state_dict(state)
         return head
 
 

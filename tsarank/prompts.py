@@ -86,6 +86,9 @@ class PromptTemplate:
             )
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}")
+        if self.max_length is not None and self.style != "rankinggpt":
+            raise ValueError(f"max_length (a total budget, RankingGPT's evaluation rule) applies to the rankinggpt "
+                             f"style only; the {self.style} style cuts by max_doc_tokens / max_query_tokens")
 
     @classmethod
     def last_token(cls, **kw: Any) -> "PromptTemplate":

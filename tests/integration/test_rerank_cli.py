@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +170,43 @@ def test_kill_and_resume_is_byte_identical(dl19, tmp_path):
 
     again = tsarank("rerank", *common, "--out", str(out))
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_rerank_template_rankinggpt_reproduces_released_eval(dl19, default_model_dir, tmp_path):
+    """`tsarank rerank --template rankinggpt` scores as RankingGPT's eval.py does (tests/released.py), with the real
+    model and DL19 candidates: the same scores, hence the same ranking."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.released import rankinggpt_eval_scores
+
+    entry = min(json.loads(dl19["json"].read_text(encoding="utf-8")), key=lambda e: int(e["hits"][0]["qid"]))
+    hits = entry["hits"][:12]
+    out = tmp_path / "rankinggpt.trec"
+    res = tsarank("rerank", "--candidates", str(dl19["json"]), "--top-k", "12", "--max-queries", "1", "--template",
+                  "rankinggpt", "--device", "cpu", "--dtype", "float32", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    got = {row.split()[2]: float(row.split()[4]) for row in read_lines(out)}
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    want = rankinggpt_eval_scores(model, tokenizer, [(entry["query"], h["content"]) for h in hits])
+    assert set(got) == {h["docid"] for h in hits}
+    for hit, score in zip(hits, want):
+        assert got[hit["docid"]] == pytest.approx(score, abs=1e-4)
+    # and not tsarank's own template, which scores differently
+    default = tmp_path / "tsarank.trec"
+    res = tsarank("rerank", "--candidates", str(dl19["json"]), "--top-k", "12", "--max-queries", "1", "--device", "cpu",
+                  "--dtype", "float32", "--out", str(default))
+    assert res.returncode == 0, res.stderr
+    other = {row.split()[2]: float(row.split()[4]) for row in read_lines(default)}
+    assert max(abs(other[d] - got[d]) for d in got) > 1e-2
+
+
+def test_rerank_refuses_bad_template_options_before_loading(dl19, tmp_path):
+    out = tmp_path / "x.trec"
+    res = tsarank("rerank", "--candidates", str(dl19["json"]), "--template", "rankgpt", "--out", str(out))
+    assert res.returncode == 2 and "unknown template 'rankgpt'" in res.stderr and "rankinggpt" in res.stderr
+    res = tsarank("rerank", "--candidates", str(dl19["json"]), "--max-length", "512", "--out", str(out))
+    assert res.returncode == 2 and "max_length" in res.stderr and "rankinggpt style only" in res.stderr
+    res = tsarank("rerank", "--candidates", str(dl19["json"]), "--max-doc-tokens", "0", "--out", str(out))
+    assert res.returncode == 2 and "--max-doc-tokens must be >= 1" in res.stderr
+    assert not out.exists()

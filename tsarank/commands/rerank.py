@@ -35,6 +35,9 @@ file byte-identical to an uninterrupted run (keep the other options the same).
 examples:
   tsarank rerank --candidates retrieve_results_dl19.json --top-k 100 --out dl19.rerank.trec
   tsarank rerank --run bm25.trec --queries queries.jsonl --corpus corpus.jsonl --model my/ckpt --out rerank.trec
+  # RankingGPT's released evaluation (prompt, 512-token budget), and RankLLaMA's released adapter:
+  tsarank rerank --model zyznull/RankingGPT-llama2-7b --run bm25.trec --queries q.jsonl --corpus c.jsonl --out rgpt.trec
+  tsarank rerank --model castorini/rankllama-v1-7b-lora-passage --run bm25.trec --queries q.jsonl --corpus c.jsonl --out rl.trec
 """
 
 SIDECAR_SUFFIX = ".partial"
@@ -46,7 +49,8 @@ _MISSING_SHOWN = 5
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``rerank`` subcommand."""
     p = subparsers.add_parser("rerank", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="checkpoint directory, LoRA adapter directory or Hub id (default: the embedded default model)")
+    p.add_argument("--model", default="default", help="checkpoint directory, LoRA adapter directory or Hub id: tsarank's, any "
+                   "causal LM, zyznull/RankingGPT-*, castorini/rankllama-* (default: the embedded default model)")
     src = p.add_argument_group("candidates (either --candidates, or --run with --queries and --corpus)")
     src.add_argument("--candidates", metavar="JSON", help="rank_llm JSON [{\"query\", \"hits\": [{\"qid\", \"docid\", \"content\"}]}]")
     src.add_argument("--run", metavar="RUN", help="first-stage TREC run 'qid Q0 docid rank score tag'")
@@ -59,6 +63,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on a supporting GPU, else fp32)")
     p.add_argument("--attn-implementation", default="auto", help="auto (FlashAttention-2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2")
+    tpl = p.add_argument_group("prompt (default: the checkpoint's own; see docs/faithfulness.md)")
+    tpl.add_argument("--template", default=None, metavar="NAME",
+                     help="score with a named template instead of the checkpoint's: tsarank, tsarank-last-token, "
+                     "rankinggpt (RankingGPT's released eval.py), rankllama")
+    tpl.add_argument("--max-doc-tokens", type=int, default=None, metavar="N", help="document budget in tokens (default: the template's)")
+    tpl.add_argument("--max-query-tokens", type=int, default=None, metavar="N", help="query budget in tokens (default: the template's)")
+    tpl.add_argument("--max-length", type=int, default=None, metavar="N",
+                     help="total budget: the document gets what prompt and query leave (RankingGPT's eval.py: 512)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own modelling code (RankingGPT-qwen-7b, -baichuan2-7b); only for repositories you trust")
     p.add_argument("--tag", default="tsarank", help="run tag written in column 6 (default tsarank)")
     p.add_argument("--max-queries", type=int, default=None, metavar="N", help="only the first N queries in qid order (quick runs)")
     p.add_argument("--chunk-docs", type=int, default=None, metavar="N",
@@ -191,12 +205,17 @@ def _check_model_arg(model: str) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("top_k", "batch_size", "max_tokens", "max_queries", "chunk_docs"):
+    for name in ("top_k", "batch_size", "max_tokens", "max_queries", "chunk_docs", "max_doc_tokens",
+                 "max_query_tokens", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.tag or any(ch.isspace() for ch in args.tag):
         raise ValueError(f"--tag must be a non-empty word without whitespace, got {args.tag!r}")
+    if args.template is not None:
+        from tsarank.prompts import PromptTemplate
+
+        PromptTemplate.named(args.template)  # an unknown name fails now, listing the known ones
     given = [n for n in ("run", "queries", "corpus") if getattr(args, n)]
     if args.candidates and given:
         raise ValueError("give either --candidates (rank_llm JSON) or --run/--queries/--corpus, not both")
@@ -313,7 +332,9 @@ def _load_ranker(args: argparse.Namespace):
     """Load the model after all inputs are known to be good; print the error and return None on failure."""
     from tsarank.inference import Ranker
 
-    kw = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation, max_tokens=args.max_tokens)
+    kw = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation, max_tokens=args.max_tokens,
+              template=args.template, max_doc_tokens=args.max_doc_tokens, max_query_tokens=args.max_query_tokens,
+              max_length=args.max_length, trust_remote_code=args.trust_remote_code)
     try:
         if args.model == "default":
             return Ranker.default(**kw)
