@@ -94,6 +94,40 @@ def _rankllama(base_snap: Path, adapter_snap: Path) -> None:
     (adapter_snap / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+REMOTE_CONFIG = """
+from transformers import LlamaConfig
+
+
+class QWenConfig(LlamaConfig):
+    model_type = "qwen"
+"""
+
+REMOTE_MODEL = """
+from transformers import LlamaForCausalLM
+
+from .configuration_qwen import QWenConfig
+
+
+class QWenLMHeadModel(LlamaForCausalLM):
+    config_class = QWenConfig
+"""
+
+
+def _remote_code_qwen(snap: Path) -> None:
+    """Qwen-7B's layout: modelling code in the repository (``auto_map``), a tokenizer without a pad token."""
+    tok = build_tiny_tokenizer()
+    tok.pad_token = None  # eval.py pads with Qwen's eod_id; tsarank falls back to EOS
+    build_tiny_llama(len(tok), seed=5, pad_token_id=None, initializer_range=0.3).save_pretrained(snap)
+    tok.save_pretrained(snap)
+    (snap / "configuration_qwen.py").write_text(REMOTE_CONFIG)
+    (snap / "modeling_qwen.py").write_text(REMOTE_MODEL)
+    cfg = json.loads((snap / "config.json").read_text())
+    cfg.update(model_type="qwen", architectures=["QWenLMHeadModel"],
+               auto_map={"AutoConfig": "configuration_qwen.QWenConfig",
+                         "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"})
+    (snap / "config.json").write_text(json.dumps(cfg))
+
+
 SCRIPT = textwrap.dedent('''
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -106,9 +140,9 @@ SCRIPT = textwrap.dedent('''
     from tests.released import rankinggpt_eval_scores, rankllama_card_scores
     pairs = [(q, d) for q in queries for d in docs]
 
-    def eval_py(repo):
-        model = AutoModelForCausalLM.from_pretrained(repo).eval()
-        return rankinggpt_eval_scores(model, AutoTokenizer.from_pretrained(repo), pairs)
+    def eval_py(repo, **kw):
+        model = AutoModelForCausalLM.from_pretrained(repo, **kw).eval()
+        return rankinggpt_eval_scores(model, AutoTokenizer.from_pretrained(repo, **kw), pairs)
 
     def model_card(adapter):  # RankLLaMA's model card: the base's tokenizer, the merged seq-cls model
         base = json.load(open(__import__("huggingface_hub").hf_hub_download(adapter, "adapter_config.json")))
@@ -129,7 +163,9 @@ SCRIPT = textwrap.dedent('''
         out[repo] = {"ours": ours(repo), "reference": eval_py(repo)}
     adapter = "castorini/rankllama-v1-7b-lora-passage"
     out[adapter] = {"ours": ours(adapter), "reference": model_card(adapter)}
-    out["remote"] = ours("zyznull/RankingGPT-qwen-7b")
+    qwen = "zyznull/RankingGPT-qwen-7b"
+    out["remote"] = ours(qwen)
+    out[qwen] = {"ours": ours(qwen, trust_remote_code=True), "reference": eval_py(qwen, trust_remote_code=True)}
     out["encoder"] = ours("org/an-encoder")
     out["absent"] = ours("org/not-in-the-cache")
     out["missing-dir"] = ours("./no/such/checkpoint")
@@ -143,14 +179,13 @@ def results(tmp_path_factory) -> dict:
     _rankinggpt_bloom(_snapshot(cache, "zyznull/RankingGPT-bloom-560m"))
     _rankinggpt_llama(_snapshot(cache, "zyznull/RankingGPT-llama2-7b"))
     _rankllama(_snapshot(cache, "meta-llama/Llama-2-7b-hf"), _snapshot(cache, "castorini/rankllama-v1-7b-lora-passage"))
-    qwen = _snapshot(cache, "zyznull/RankingGPT-qwen-7b")  # modelling code in the repository (auto_map)
-    (qwen / "config.json").write_text(json.dumps({"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
-                                                  "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}}))
+    _remote_code_qwen(_snapshot(cache, "zyznull/RankingGPT-qwen-7b"))
     encoder = _snapshot(cache, "org/an-encoder")
     (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     script, out = cache / "run.py", cache / "out.json"
     script.write_text(SCRIPT)
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_MODULES_CACHE=str(cache / "modules"), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(script), json.dumps(QUERIES), json.dumps(DOCS), str(out)],
                           cwd=cache, env=env, capture_output=True, text=True, timeout=600)
@@ -158,7 +193,8 @@ def results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("repo", ["zyznull/RankingGPT-bloom-560m", "zyznull/RankingGPT-llama2-7b"])
+@pytest.mark.parametrize("repo", ["zyznull/RankingGPT-bloom-560m", "zyznull/RankingGPT-llama2-7b",
+                                  "zyznull/RankingGPT-qwen-7b"])
 def test_rankinggpt_by_hub_id_scores_as_released_eval(results, repo):
     got = results[repo]
     assert "scores" in got["ours"], got["ours"]
