@@ -59,6 +59,8 @@ class Preset:
     sft_score_transform: str = "prob"
     sft_temperature: float = 0.001
     sft_gen_span: str = "all"
+    # "last_token": SFT trains a last-token head (sft/configs/last_token.yaml: logprob transform, tau 1) instead.
+    sft_scoring_head: str = "query_likelihood"
     learning_rate_cpt: float = 5e-5
     learning_rate_sft: float = 2e-5
     estimates_s: dict[str, int] = field(default_factory=dict)  # rough phase durations on the target machine
@@ -219,19 +221,23 @@ class Demo:
         cpt = self.state.info("cpt")["checkpoint"]
         out = self.p("sft")
         pr = self.preset
+        last_token = pr.sft_scoring_head == "last_token"
+        config = "last_token.yaml" if last_token else "smollm2_quick.yaml"
+        # The last-token score is an unbounded linear value: its head's own loss settings, not the preset's prob/tau.
+        transform, temperature = ("logprob", 1.0) if last_token else (pr.sft_score_transform, pr.sft_temperature)
         cmd = [
-            *self.tsarank_cmd("train", "sft"), "--config", str(REPO_ROOT / "sft" / "configs" / "smollm2_quick.yaml"),
+            *self.tsarank_cmd("train", "sft"), "--config", str(REPO_ROOT / "sft" / "configs" / config),
             "--model_name_or_path", cpt, "--train_file", ",".join(groups), "--output_dir", str(out),
             "--max_steps", str(pr.sft_steps), "--per_device_train_batch_size", str(pr.sft_batch),
             "--train_group_size", str(pr.sft_group_size), "--learning_rate", str(pr.learning_rate_sft),
             "--max_doc_tokens", str(pr.max_doc_tokens), "--overwrite_output_dir", "true", "--report_to", "none",
             "--save_strategy", "no", "--logging_steps", "5", "--train_top_layers", str(pr.sft_top_layers),
             "--train_final_norm", "true",
-            "--score_transform", pr.sft_score_transform, "--temperature", str(pr.sft_temperature),
+            "--score_transform", transform, "--temperature", str(temperature),
             "--gen_span", pr.sft_gen_span,
         ]
         _run_logged(cmd, self.p("logs", "sft.log"), pr.estimates_s["sft"], "4/6 SFT")
-        return {"checkpoint": str(out)}
+        return {"checkpoint": str(out), "scoring_head": pr.sft_scoring_head}
 
     def phase_evaluate(self) -> dict[str, Any]:
         from .demo_eval import evaluate_systems
@@ -258,6 +264,10 @@ class Demo:
 
     def run(self) -> None:
         t0 = time.time()
+        earlier = self.state.info("sft").get("scoring_head", "query_likelihood") if self.state.done("sft") else None
+        if earlier is not None and earlier != self.preset.sft_scoring_head:
+            raise ValueError(f"--resume: this demo's SFT trained the {earlier} head, not {self.preset.sft_scoring_head}; "
+                             "resume with the same --scoring-head, or start over with --overwrite")
         for phase in self.PHASES:
             if self.state.done(phase):
                 self.log(f"[demo] {phase}: done earlier, skipped (--resume)")

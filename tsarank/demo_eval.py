@@ -97,8 +97,16 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
         rankers.append(ranker)
     # Checkpoints trained with train_top_layers in both stages share their bottom blocks with the zero-shot
     # model: those run once per batch for all systems (tsarank.shared_trunk); otherwise each runs in full.
-    with tqdm(total=len(pairs), desc=f"{desc} {'+'.join(models)}", unit="doc") as bar:
-        all_scores, shared = score_pairs_shared(rankers, pairs, on_batch=bar.update)
+    # A last-token checkpoint (its own prompt and head) cannot share the query-likelihood trunk: it runs alone.
+    together = [i for i, r in enumerate(rankers) if r.head is None and r.template == rankers[0].template]
+    alone = [i for i in range(len(rankers)) if i not in together]
+    all_scores: list[list[float]] = [[] for _ in rankers]
+    with tqdm(total=len(pairs) * (1 + len(alone)), desc=f"{desc} {'+'.join(models)}", unit="doc") as bar:
+        shared_scores, shared = score_pairs_shared([rankers[i] for i in together], pairs, on_batch=bar.update)
+        for i, scores in zip(together, shared_scores):
+            all_scores[i] = scores
+        for i in alone:
+            all_scores[i] = rankers[i].score_pairs(pairs, on_batch=bar.update)
     del rankers
     for system, scores in zip(models, all_scores):
         it = iter(scores)

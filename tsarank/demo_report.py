@@ -117,6 +117,9 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
         for ds, s in setup.items() if ds in DATASET_NAMES
     ]
     trained = lambda n: f"top {n} blocks" if n else "all blocks"  # noqa: E731
+    head = getattr(preset, "sft_scoring_head", "query_likelihood")
+    sft_loss = ("last-token head, score transform logprob, tau 1.0" if head == "last_token" else
+                f"query-likelihood head, score transform {preset.sft_score_transform}, tau {preset.sft_temperature}")
     shared = setup.get("shared_blocks", 0)
     sharing = (f" The models share their bottom {shared} blocks, which ran once per batch for all of them."
                if shared else "")
@@ -125,8 +128,8 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
             "# tsarank demo report",
             "",
             f"Preset `{preset.name}`: CPT {preset.cpt_steps} steps x {preset.cpt_batch} pairs (of {preset.weak_pairs} weak pairs), "
-            f"SFT {preset.sft_steps} steps x {preset.sft_batch} groups of {preset.sft_group_size} (score transform "
-            f"{preset.sft_score_transform}, tau {preset.sft_temperature}, L_gen span {preset.sft_gen_span}), "
+            f"SFT {preset.sft_steps} steps x {preset.sft_batch} groups of {preset.sft_group_size} ({sft_loss}, L_gen "
+            f"span {preset.sft_gen_span}), "
             f"NFCorpus train queries mined: {preset.nfcorpus_train_queries}. Trained: CPT "
             f"{trained(preset.cpt_top_layers)}, SFT {trained(preset.sft_top_layers)}.{sharing} Machine: {platform.machine()}, "
             f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}.",

@@ -93,3 +93,37 @@ def test_demo_evaluation_and_report(checkpoints, shared_data, tmp_path):
     assert table in md and "share their bottom 2 blocks" in md and "CPT top 1 blocks" in md
     assert md.count("paired t-test p =") == 3  # M_sft against zero-shot, once per dataset
     assert (out / "report.png").stat().st_size > 0
+
+
+def test_demo_evaluation_with_last_token_sft(checkpoints, shared_data, tmp_path):
+    """`tsarank demo --scoring-head last_token`: M_sft has its own prompt and head, so it runs alone while the
+    zero-shot model and M_cpt still share their trunk; its run holds the scores it gives on its own."""
+    from tsarank.hub import save_tsarank_config
+    from tsarank.modeling import LastTokenHead
+    from tsarank.prompts import PromptTemplate
+
+    sft_dir = tmp_path / "sft_last_token"
+    model = Ranker.from_pretrained(checkpoints["sft"], dtype="float32")
+    model.model.save_pretrained(sft_dir)
+    model.tokenizer.save_pretrained(sft_dir)
+    torch.manual_seed(5)
+    LastTokenHead(model.model.config.hidden_size).save(str(sft_dir))
+    save_tsarank_config(sft_dir, PromptTemplate.last_token(max_doc_tokens=64), stage="sft")
+    systems = {"zero_shot": checkpoints["zero_shot"], "cpt": checkpoints["cpt"], "sft": str(sft_dir)}
+    preset = dataclasses.replace(PRESET, max_queries={"dl19": 2, "scifact": 1, "nfcorpus": 1},
+                                 sft_scoring_head="last_token")
+    results = evaluate_systems(shared_data, tmp_path / "runs", systems, preset)
+    assert results["setup"]["shared_blocks"] == 2  # zero-shot and M_cpt still share theirs
+
+    ranker = Ranker.from_pretrained(str(sft_dir), dtype="float32")
+    assert ranker.head is not None
+    ranker.template = dataclasses.replace(ranker.template, max_doc_tokens=preset.max_doc_tokens)
+    cands, _ = load_dataset_candidates(shared_data, "dl19", preset.top_k, 2)
+    run = read_run(tmp_path / "runs" / "dl19.sft.trec")
+    for c in cands:
+        got = dict(run[c.qid])
+        assert [got[d] for d in c.docids] == pytest.approx(ranker.score(c.query, c.texts), abs=1e-4)
+    out = tmp_path / "demo"
+    out.mkdir()
+    write_report(out, results, {"cpt": checkpoints["cpt"], "sft": str(sft_dir)}, preset)
+    assert "last-token head, score transform logprob, tau 1.0" in (out / "report.md").read_text()

@@ -359,3 +359,17 @@ def test_demo_refuses_non_empty_out_unless_overwrite(tmp_path, shared_data, caps
     assert sorted(p.name for p in out.iterdir()) == ["demo_state.json", "notes.txt"]
     prepare_out_dir(out, resume=False, overwrite=True)
     assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_demo_resume_refuses_another_scoring_head(tmp_path, shared_data, capsys):
+    from tsarank.demo import STATE
+
+    out = tmp_path / "demo_out"
+    out.mkdir()
+    done = {p: {} for p in ("weak_pairs", "cpt", "groups")}
+    done["sft"] = {"checkpoint": str(out / "sft"), "scoring_head": "query_likelihood"}
+    (out / STATE).write_text(json.dumps({"done": done}))
+    assert cli(["demo", "--out", str(out), "--data", str(shared_data), "--resume", "--scoring-head", "last_token"]) == 2
+    err = capsys.readouterr().err
+    assert "trained the query_likelihood head, not last_token" in err and "--overwrite" in err
+    assert json.loads((out / STATE).read_text())["done"] == done  # nothing of the earlier run touched

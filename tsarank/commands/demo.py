@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
                    help="quick: ~15 min measured on 2 CPU cores, reduced depth/queries; full: for a GPU")
+    p.add_argument("--scoring-head", choices=["query_likelihood", "last_token"], default="query_likelihood",
+                   help="the head SFT trains: query_likelihood (the paper's) or last_token (a linear score on the "
+                   "final token, sft/configs/last_token.yaml)")
     p.add_argument("--data", default=None, help="data folder (default: $TSARANK_DATA, else ../shared/data)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished phases")
     p.add_argument("--overwrite", action="store_true", help="delete a previous demo output in --out and start over")
@@ -24,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ..demo import PRESETS, Demo, prepare_out_dir, resolve_data_dir
 
     try:
@@ -33,5 +38,10 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    Demo(out, PRESETS[args.preset], data).run()
+    preset = dataclasses.replace(PRESETS[args.preset], sft_scoring_head=args.scoring_head)
+    try:
+        Demo(out, preset, data).run()
+    except ValueError as exc:  # a resumed demo with other settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
