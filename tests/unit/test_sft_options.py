@@ -141,7 +141,8 @@ def test_example_configs_parse_and_validate(config, tmp_path):
 
     model_args, data_args, sft_args, training_args = sft.parse_args(
         # bf16 is refused by TrainingArguments on a CPU-only machine; the GPU configs are checked without it.
-        ["--config", str(ROOT / "sft" / "configs" / config), "--output_dir", str(tmp_path / "o"), "--bf16", "false"]
+        ["--config", str(ROOT / "sft" / "configs" / config), "--output_dir", str(tmp_path / "o"), "--bf16", "false",
+         "--tf32", "false", "--deepspeed", ""]
     )
     # The configs name checkpoints that only exist after earlier runs; the option checks do not need them.
     model_args = dataclasses.replace(model_args, model_name_or_path="default")
