@@ -107,6 +107,8 @@ class Ranker:
         from .loading import pad_id_of
 
         self.pad_id = pad_id_of(tokenizer)
+        #: What :meth:`from_pretrained` recognised (:data:`tsarank.loading.KINDS`); ``None`` for a model given directly.
+        self.checkpoint_kind: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -159,13 +161,17 @@ class Ranker:
             trust_remote_code=trust_remote_code,
         )
         logger.info("%s: %s checkpoint, %s template", name_or_path, spec.kind, chosen.style)
-        return cls(model, tokenizer, chosen, head=head, max_tokens=max_tokens)
+        ranker = cls(model, tokenizer, chosen, head=head, max_tokens=max_tokens)
+        ranker.checkpoint_kind = spec.kind
+        return ranker
 
     @classmethod
     def default(cls, **kwargs: Any) -> "Ranker":
         """The embedded default model (SmolLM2-135M-Instruct), converted on first use."""
         from .default_model import default_model_path
 
+        if kwargs.get("template") is None:  # its own template, said explicitly: no "which prompt?" warning
+            kwargs["template"] = "tsarank"
         return cls.from_pretrained(str(default_model_path()), **kwargs)
 
     # ------------------------------------------------------------------------------ scoring

@@ -9,8 +9,11 @@ decides, in this order:
    its ``score`` layer on the last token is the head, the ``rankllama`` template the prompt.
 3. ``adapter_config.json`` otherwise: a causal-LM LoRA adapter, merged over its base.
 4. ``config.json`` of a causal LM whose name says ``RankingGPT`` (zyznull/RankingGPT-bloom-560m, -llama2-7b,
-   -qwen-7b, -baichuan2-7b, ...): the ``rankinggpt`` template (the released evaluation's prompt and budgets).
-5. ``config.json`` of any other causal LM: tsarank's default template (zero-shot query likelihood).
+   -qwen-7b, -baichuan2-7b, ...), or whose weights hold the ``init_model.*`` tensors the released sft.py saves
+   (its frozen reference, attached to the model): the ``rankinggpt`` template (the released evaluation's prompt and
+   budgets).
+5. ``config.json`` of any other causal LM: tsarank's default template (zero-shot query likelihood), with a warning
+   that a checkpoint trained with another prompt needs it named.
 6. anything else (an encoder, a sequence-classification model of unknown prompt): refused, naming the options.
 
 An explicit ``template`` (a :class:`~tsarank.prompts.PromptTemplate` or a name of
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CheckpointSpec", "resolve_checkpoint", "load_for_scoring", "pad_id_of", "KINDS"]
 
 KINDS = ("tsarank", "lora", "rankllama", "rankinggpt", "causal_lm", "seq_cls")
+_FETCH_ERRORS: dict[str, str] = {}  # the last reason a Hub file could not be fetched, per repository
 
 
 @dataclass
@@ -75,12 +79,52 @@ def _fetch(name_or_path: str, filename: str) -> Path | None:
         return Path(hf_hub_download(name_or_path, filename))
     except Exception as exc:  # noqa: BLE001 - offline, missing file, no such repo: the caller decides
         logger.debug("%s: no %s (%s)", name_or_path, filename, type(exc).__name__)
+        _FETCH_ERRORS[name_or_path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         return None
+
+
+def _weight_names(name_or_path: str) -> list[str]:
+    """Tensor names of a checkpoint, read cheaply: a sharded checkpoint's index, or a local (or already cached)
+    single ``model.safetensors``'s header. ``[]`` when neither can be read without downloading weights."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = _fetch(name_or_path, index)
+        if path is not None:
+            return list(json.loads(path.read_text(encoding="utf-8")).get("weight_map", {}))
+    local = Path(name_or_path) / "model.safetensors"
+    if not local.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "model.safetensors")
+        except Exception:  # noqa: BLE001 - not a repo id: nothing cached
+            cached = None
+        local = Path(cached) if isinstance(cached, str) else local
+    if not local.is_file():
+        return []
+    with open(local, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else {}
+    return [k for k in header if k != "__metadata__"]
+
+
+def _has_released_reference(name_or_path: str) -> bool:
+    """RankingGPT's sft.py attaches the frozen reference model as ``model.init_model``, so checkpoints saved by it
+    hold ``init_model.*`` tensors: their fingerprint when the name does not say RankingGPT."""
+    return any(name.startswith("init_model.") for name in _weight_names(name_or_path))
 
 
 def _has_tokenizer(name_or_path: str) -> bool:
     return any(_fetch(name_or_path, f) is not None for f in ("tokenizer.json", "tokenizer_config.json",
                                                                 "tokenizer.model"))
+
+
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _as_template(template: PromptTemplate | str | None) -> PromptTemplate | None:
@@ -127,8 +171,13 @@ def resolve_checkpoint(name_or_path: str, template: PromptTemplate | str | None 
         return CheckpointSpec(name_or_path, "lora", chosen, base, sidecar_dir, tok)
 
     if config is None:
-        where = "directory" if local.is_dir() else "Hub repository (or it is not in the cache while offline)"
-        raise FileNotFoundError(f"{name_or_path}: no config.json in this {where}; a model is a checkpoint directory "
+        if local.is_dir():
+            where = "directory"
+        else:
+            why = _FETCH_ERRORS.get(name_or_path, "")
+            where = ("Hub repository" + (" (offline and not in the HF cache)" if _offline() else "")
+                     + (f"; the Hub said {why}" if why else ""))
+        raise FileNotFoundError(f"{name_or_path}: no config.json in this {where}. A model is a checkpoint directory "
                                 "(config.json + weights), a LoRA adapter directory (adapter_config.json) or a Hub id")
     cfg = json.loads(config.read_text(encoding="utf-8"))
     archs = cfg.get("architectures") or []
@@ -140,9 +189,13 @@ def resolve_checkpoint(name_or_path: str, template: PromptTemplate | str | None 
     if causal:
         if explicit is not None:
             return CheckpointSpec(name_or_path, "causal_lm", explicit, None, None, name_or_path, remote)
-        if "rankinggpt" in name_or_path.lower():
+        if "rankinggpt" in name_or_path.lower() or _has_released_reference(name_or_path):
             return CheckpointSpec(name_or_path, "rankinggpt", NAMED_TEMPLATES["rankinggpt"], None, None, name_or_path,
                                   remote)
+        logger.warning(
+            "%s has no tsarank_config.json: scoring with tsarank's default template (zero-shot query likelihood, "
+            "'Document: {doc} Query: {query}'). A checkpoint trained with another prompt needs it named: "
+            "template='rankinggpt' (--template rankinggpt) for a renamed RankingGPT checkpoint.", name_or_path)
         return CheckpointSpec(name_or_path, "causal_lm", PromptTemplate(), None, None, name_or_path, remote)
     if any(a.endswith("ForSequenceClassification") for a in archs):
         if explicit is not None and explicit.scoring_head == LAST_TOKEN:

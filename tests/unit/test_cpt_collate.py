@@ -189,6 +189,28 @@ def test_real_rankinggpt_sample(shared_data, tiny_tokenizer, tmp_path):
     assert first.endswith("is aardvark derived from afrikaans?" + tiny_tokenizer.eos_token)
 
 
+def test_rankinggpt_template_cpt_equals_released_pretrain(shared_data, tiny_tokenizer, tmp_path):
+    """With the rankinggpt template, CPT on RankingGPT's own weak pairs trains on exactly pretrain.py's example:
+    ids of ``source + response + eos_token`` as one string, labels after ``len(tokenize(source))`` (mask_input),
+    for documents within the budget (pretrain.py cuts only the whole sequence, at 512 tokens)."""
+    path = shared_data / "weak-pairs" / "rankinggpt_text_pairs.json"
+    tok = tiny_tokenizer
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if len(tok(r["query"])["input_ids"]) < 500][:4]
+    small = tmp_path / "pairs.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in records))
+    template = PromptTemplate.named("rankinggpt", max_doc_tokens=512, max_query_tokens=64, max_length=None)
+    ds = build_cpt_dataset(small, tok, template, cache_dir=str(tmp_path / "cache"))
+    batch = CPTCollator(pad_token_id=tok.pad_token_id, mask_source=True)([ds[i] for i in range(len(ds))])
+    for i, r in enumerate(records):
+        source = r["query"].strip()  # "Document: <text> Query:"
+        released = tok(source + r["response"].strip() + tok.eos_token)["input_ids"]
+        n_source = len(tok(source)["input_ids"])
+        assert ds[i]["input_ids"] == released
+        labels = batch["labels"][i]
+        assert labels[labels != IGNORE_INDEX].tolist() == released[n_source:]
+
+
 # ------------------------------------------------------------------------------------------- weak-pairs builder
 def _mini_beir(root):
     """A hand-made BEIR directory: one test query judging d3; documents exercising every filter."""

@@ -388,3 +388,38 @@ def test_rerank_command_output_and_resume(tiny_checkpoint, tiny_tokenizer, model
     rows = [l.split() for l in small.read_text().splitlines()]
     assert [r[0] for r in rows] == ["7", "7", "8", "8"]
     assert {r[2] for r in rows if r[0] == "7"} == {"d3-0", "d3-1"}
+
+
+def test_from_pretrained_budgets_and_named_template(tiny_checkpoint, model, tiny_tokenizer, caplog):
+    """Budgets and a named template on the Python API, as on `tsarank rerank`; a causal LM without a sidecar is
+    scored with the default template and says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tsarank.loading"):
+        plain = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu")
+    assert plain.checkpoint_kind == "causal_lm" and "no tsarank_config.json" in caplog.text
+    assert "--template rankinggpt" in caplog.text
+    ranker = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", max_doc_tokens=5, max_query_tokens=3)
+    want_template = PromptTemplate(max_doc_tokens=5, max_query_tokens=3)
+    assert ranker.template == want_template
+    assert max_diff(ranker.score(QUERY, DOCS), brute_force_scores(model, tiny_tokenizer, want_template, QUERY, DOCS)) < 1e-5
+    assert max_diff(ranker.score(QUERY, DOCS), plain.score(QUERY, DOCS)) > 1e-3  # the budgets changed the inputs
+    rgpt = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", template="rankinggpt", max_length=40)
+    assert (rgpt.template.style, rgpt.template.max_length) == ("rankinggpt", 40)
+    with pytest.raises(ValueError, match="rankinggpt style only"):
+        Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", max_length=40)
+    with pytest.raises(ValueError, match="unknown template 'rankgpt'"):
+        Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", template="rankgpt")
+
+
+def test_released_sft_checkpoint_recognised_by_its_weights(tiny_checkpoint, tmp_path):
+    """RankingGPT's sft.py saves its frozen reference inside the checkpoint (`init_model.*` tensors): a renamed copy
+    of such a checkpoint still gets the rankinggpt template."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "my-ranker")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights.update({f"init_model.{k}": v.clone() for k, v in weights.items()})
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    ranker = Ranker.from_pretrained(str(ckpt), device="cpu")
+    assert ranker.checkpoint_kind == "rankinggpt" and ranker.template == PromptTemplate.named("rankinggpt")

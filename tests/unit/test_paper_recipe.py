@@ -23,7 +23,8 @@ RELEASED = {
     "lambda_gen": 1.0,                # loss = loss1 + loss2 + loss3
     "gen_span": "all",                # labels_gen: the positive's whole sequence
     "lambda_dp": 1.0,
-    "dp_span": "all-with-padding",    # KLDivLoss(batchmean) over preds.reshape(-1, V): every position, padding too
+    # KLDivLoss(batchmean) over preds.reshape(-1, V): every position, padding too; no tsarank value means that
+    "dp_span": "all positions, padding included",
     "train_top_layers": 16,           # model.transformer.h[-top:] trainable (top=16 for BLOOM-560m)
     "train_final_norm": False,        # ln_f stays frozen
     "train_lm_head": False,           # lm_head (tied to the embeddings) stays frozen
@@ -49,6 +50,7 @@ NOT_OPTIONS = {"model_max_length"}
 
 def _deviations() -> dict[str, str]:
     header = CONFIG.read_text().split("\n\n")[0]
+    assert "# Deviations" in header, "paper_recipe.yaml's header has no '# Deviations' list"
     block = header.split("# Deviations")[1]
     return dict(re.findall(r"^#\s+- (\w+): (.+)$", block, flags=re.M))
 

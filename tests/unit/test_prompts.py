@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import build_tiny_tokenizer
 from tsarank.prompts import EncodedPair, PromptTemplate, check_query, encode_pairs
 
 LONG_DOC = " ".join(f"word{i} the capital of france is paris" for i in range(40))
@@ -205,3 +206,20 @@ def test_rankinggpt_template_equals_the_released_construction(which, tiny_tokeni
     own = encode_pairs(tok, PromptTemplate(), [pairs[0][0]], [pairs[0][1]])[0]
     released_ids, _ = released_rankinggpt_eval(tok, *pairs[0])
     assert own.input_ids != released_ids  # " what" vs "what": the first query token differs
+
+
+def test_rankinggpt_query_within_budget_kept_as_written():
+    """The one deliberate difference from sft.py's construction: sft.py round-trips every query through
+    ``decode(encode(q)[:32])``, tsarank only a query over its budget (eval.py never does, so training and scoring
+    see the same query). It shows with a tokenizer whose round trip changes the text: here one that strips spaces."""
+    from tokenizers import normalizers
+
+    tok = build_tiny_tokenizer()
+    tok._tokenizer.normalizer = normalizers.Strip()
+    query, doc = "  what is the capital of france", "Paris is the capital of France."
+    assert tok.decode(tok(query, add_special_tokens=False)["input_ids"]) != query  # the round trip changes it
+    training = PromptTemplate.named("rankinggpt", max_doc_tokens=128, max_query_tokens=32, max_length=None)
+    got = encode_pairs(tok, training, [query], [doc])[0]
+    source = "Document: {doc} Query:".format(doc=tok.decode(tok(doc, add_special_tokens=False)["input_ids"]))
+    assert got.input_ids == tok(source + query)["input_ids"]  # as written, as eval.py scores it
+    assert got.input_ids != released_rankinggpt_sft(tok, query, doc)[0]  # sft.py trained on the round trip

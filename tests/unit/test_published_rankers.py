@@ -225,3 +225,15 @@ def test_unsupported_and_absent_models_named(results):
     assert "org/not-in-the-cache" in results["absent"]["message"]
     assert results["missing-dir"]["error"] == "FileNotFoundError"
     assert "no such directory" in results["missing-dir"]["message"]
+
+
+def test_pad_id_fallbacks():
+    """eval.py pads Qwen-7B's batches with ``tokenizer.eod_id`` (its tokenizer has no pad or EOS token)."""
+    from types import SimpleNamespace
+
+    from tsarank.loading import pad_id_of
+
+    assert pad_id_of(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=None, eod_id=151643)) == 151643
+    assert pad_id_of(SimpleNamespace(pad_token_id=None, eos_token_id=None, unk_token_id=0)) == 0

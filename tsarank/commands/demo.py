@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
-                   help="quick: ~15 min measured on 2 CPU cores, reduced depth/queries; full: for a GPU")
+                   help="quick: 6 to 15 min measured on 2 CPU cores, reduced depth/queries; full: for a GPU")
     p.add_argument("--scoring-head", choices=["query_likelihood", "last_token"], default="query_likelihood",
                    help="the head SFT trains: query_likelihood (the paper's) or last_token (a linear score on the "
                    "final token, sft/configs/last_token.yaml)")

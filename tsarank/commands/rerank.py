@@ -65,12 +65,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--attn-implementation", default="auto", help="auto (FlashAttention-2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2")
     tpl = p.add_argument_group("prompt (default: the checkpoint's own; see docs/faithfulness.md)")
     tpl.add_argument("--template", default=None, metavar="NAME",
-                     help="score with a named template instead of the checkpoint's: tsarank, tsarank-last-token, "
-                     "rankinggpt (RankingGPT's released eval.py), rankllama")
+                     help="score with a named template instead of the one the checkpoint was trained with (only for "
+                     "checkpoints trained with that prompt, or without a tsarank_config.json): tsarank, "
+                     "tsarank-last-token, rankinggpt (RankingGPT's released eval.py), rankllama")
     tpl.add_argument("--max-doc-tokens", type=int, default=None, metavar="N", help="document budget in tokens (default: the template's)")
     tpl.add_argument("--max-query-tokens", type=int, default=None, metavar="N", help="query budget in tokens (default: the template's)")
     tpl.add_argument("--max-length", type=int, default=None, metavar="N",
-                     help="total budget: the document gets what prompt and query leave (RankingGPT's eval.py: 512)")
+                     help="total budget, rankinggpt template only: the document gets what prompt and query leave "
+                     "(RankingGPT's eval.py: 512)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own modelling code (RankingGPT-qwen-7b, -baichuan2-7b); only for repositories you trust")
     p.add_argument("--tag", default="tsarank", help="run tag written in column 6 (default tsarank)")
@@ -336,9 +338,14 @@ def _load_ranker(args: argparse.Namespace):
               template=args.template, max_doc_tokens=args.max_doc_tokens, max_query_tokens=args.max_query_tokens,
               max_length=args.max_length, trust_remote_code=args.trust_remote_code)
     try:
-        if args.model == "default":
-            return Ranker.default(**kw)
-        return Ranker.from_pretrained(args.model, **kw)
+        ranker = Ranker.default(**kw) if args.model == "default" else Ranker.from_pretrained(args.model, **kw)
     except (OSError, ValueError, FileNotFoundError) as exc:
         print(f"error: could not load model {args.model!r}: {exc}", file=sys.stderr)
         return None
+    t = ranker.template
+    budget = f"document {t.max_doc_tokens}, query {t.max_query_tokens}" + (
+        f", total {t.max_length}" if t.max_length is not None else "")
+    # Which prompt a checkpoint is scored with decides its numbers: always say it.
+    print(f"model: {args.model} ({ranker.checkpoint_kind or 'checkpoint'}; template {t.style}, {t.scoring_head} "
+          f"head; token budgets: {budget})", file=sys.stderr)
+    return ranker
