@@ -278,6 +278,11 @@ GUARD_SCRIPT = textwrap.dedent('''
     with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "devices": devices, "model": args.device.type, "syncs": Syncs.n,
                    "stop": control.should_training_stop, "params": sum(1 for _ in model.parameters())}, f)
+    # Leave together: a rank exiting while its peer still holds the gloo pair can abort the peer at shutdown
+    # ("terminate called without an active exception", exit -6).
+    dist.all_reduce = real_all_reduce
+    dist.barrier()
+    dist.destroy_process_group()
 ''')
 
 
