@@ -42,9 +42,28 @@ def check_output_file(path: PathLike, overwrite: bool, *, flag: str = "--out", n
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory; name a file inside it")
     if path.exists() and not overwrite:
         raise FileExistsError(f"refusing to overwrite existing {path}{note}; pass --overwrite or choose another {flag}")
+    check_writable_dir(path.parent, flag)
     return path
+
+
+def check_writable_dir(directory: PathLike, flag: str) -> None:
+    """Create and delete a file in ``directory`` now, so that a read-only place fails before any work, not after.
+
+    Raises:
+        PermissionError: The directory cannot be written; the message names the option.
+    """
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tsarank-write-check-", dir=directory)
+    except OSError as exc:
+        raise PermissionError(f"{flag}: cannot write in {directory} ({exc.strerror or exc}); choose another place") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _fsync_dir(directory: Path) -> None:

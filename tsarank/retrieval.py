@@ -29,11 +29,15 @@ def add_bm25_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 def bm25_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`bm25_retrieve` from options added by :func:`add_bm25_arguments`."""
-    return {
+    options = {
         "k1": args.k1, "b": args.b,
         "stemmer": None if args.stemmer.lower() == "none" else args.stemmer,
         "stopwords": None if args.stopwords.lower() == "none" else args.stopwords,
     }
+    _stemmer(options["stemmer"])  # an unknown stemmer fails here, before any corpus is read
+    if not args.k1 > 0 or not 0 <= args.b <= 1:
+        raise ValueError(f"--k1 must be > 0 and --b within [0, 1], got {args.k1} and {args.b}")
+    return options
 
 
 def queries_source(corpus: Path, queries: str | None) -> Path:

@@ -113,7 +113,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     tok = build_tiny_tokenizer()
     build_tiny_llama(len(tok), seed=3).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    tok.save_pretrained(root / "tokenizer_only")  # a "model" that cannot be loaded: proves no model load happened
+    # A "model" that cannot be loaded (a causal-LM config and a tokenizer, no weights): it passes the up-front
+    # option checks, so a data error reported from it proves no model load happened.
+    tok.save_pretrained(root / "tokenizer_only")
+    build_tiny_llama(len(tok), seed=3).config.save_pretrained(root / "tokenizer_only")
     return {"model": root / "model", "tokenizer_only": root / "tokenizer_only",
             "groups": _write_groups(root / "groups.jsonl")}
 
@@ -138,22 +141,25 @@ SFT_KILL_HARNESS = textwrap.dedent("""
 """)
 
 RERANK_KILL_HARNESS = textwrap.dedent("""
-    # Runs `tsarank rerank ARGS` in this process and SIGKILLs it right after its KILL_AFTER-th fsync (each fsync
-    # makes one scored chunk of queries durable in OUT.partial), i.e. in the middle of the run.
+    # Runs `tsarank rerank ARGS` in this process and sends itself SIGNAL (SIGKILL, or SIGINT as Ctrl-C does) right
+    # after its KILL_AFTER-th fsync (each fsync makes one scored chunk of queries durable in OUT.partial), i.e. in the
+    # middle of the run.
     import os, signal, sys
     from tsarank.cli import main
 
-    KILL_AFTER, calls = int(sys.argv[1]), [0]
+    SIGNAL, KILL_AFTER, calls = getattr(signal, sys.argv[1]), int(sys.argv[2]), [0]
     _fsync = os.fsync
 
     def fsync(fd):
         _fsync(fd)
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            return  # another durable write (the run's options file), not a scored chunk
         calls[0] += 1
         if calls[0] == KILL_AFTER:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), SIGNAL)
 
     os.fsync = fsync
-    sys.exit(main(["rerank", *sys.argv[2:]]))
+    sys.exit(main(["rerank", *sys.argv[3:]]))
 """)
 
 SFT_RESUME = dict(max_steps=8, save_strategy="steps", save_steps=2, learning_rate=5e-3)
@@ -206,18 +212,22 @@ def _job_sft_killed(tmp: Path, tiny: dict[str, Path]) -> tuple[list, dict[str, A
     return [sys.executable, harness, SFT_TRAIN, SFT_KILL_AT, *argv], {"out": out, "argv": argv}
 
 
-def _job_rerank_killed(tmp: Path, tiny: dict[str, Path]) -> tuple[list, dict[str, Any]]:
+def _job_rerank_killed(tmp: Path, tiny: dict[str, Path], signal_name: str = "SIGKILL") -> tuple[list, dict[str, Any]]:
     out = tmp / "resumed.trec"
     harness = tmp / "killed_rerank.py"
     harness.write_text(RERANK_KILL_HARNESS)
-    return [sys.executable, harness, RERANK_KILL_AFTER, *_rerank_common(tiny), "--out", out], {"out": out}
+    return [sys.executable, harness, signal_name, RERANK_KILL_AFTER, *_rerank_common(tiny), "--out", out], {"out": out}
+
+
+def _job_rerank_interrupted(tmp: Path, tiny: dict[str, Path]) -> tuple[list, dict[str, Any]]:
+    return _job_rerank_killed(tmp, tiny, "SIGINT")
 
 
 JobSpec = Callable[[Path, dict[str, Path]], tuple[list, dict[str, Any]]]
 # In the order the tests read them.
 JOBS: dict[str, JobSpec] = {
     "cpt_malformed": _job_cpt_malformed, "sft_malformed": _job_sft_malformed, "nan": _job_nan,
-    "sft_killed": _job_sft_killed, "rerank_killed": _job_rerank_killed,
+    "sft_killed": _job_sft_killed, "rerank_killed": _job_rerank_killed, "rerank_interrupted": _job_rerank_interrupted,
 }
 NEEDS = {  # test -> the background runs it reads
     "test_malformed_jsonl_weak_pairs_stops_cpt_train_before_model_load": ["cpt_malformed"],
@@ -226,6 +236,7 @@ NEEDS = {  # test -> the background runs it reads
     "test_nan_loss_last_good_checkpoint_has_finite_weights": ["nan"],
     "test_sigkill_during_sft_then_resume_matches_uninterrupted": ["sft_killed"],
     "test_sigkill_during_rerank_then_resume_byte_identical": ["rerank_killed"],
+    "test_ctrl_c_during_rerank_says_resume_then_resume_byte_identical": ["rerank_interrupted"],
 }
 
 
@@ -260,7 +271,7 @@ def jobs(request, tiny, tmp_path_factory):
                 if getattr(item, "module", None) is request.module}
     wanted = {job for test, needs in NEEDS.items() if test in selected for job in needs}
     if not DATA.is_dir():
-        wanted.discard("rerank_killed")  # its test skips (shared_data fixture)
+        wanted -= {"rerank_killed", "rerank_interrupted"}  # their tests skip (shared_data fixture)
     runner = Jobs()
     for name, spec in JOBS.items():
         if name in wanted:
@@ -434,3 +445,25 @@ def test_sigkill_during_rerank_then_resume_byte_identical(jobs, tiny, shared_dat
     assert tsarank_cli(["rerank", *common, "--out", str(out)]) == 2  # a finished run is not overwritten
     assert capsys.readouterr().err.strip() == (f"error: refusing to overwrite existing {out}; pass --overwrite or "
                                                "choose another --out")
+
+
+def test_ctrl_c_during_rerank_says_resume_then_resume_byte_identical(jobs, tiny, shared_data, tmp_path, capsys,
+                                                                      one_thread):
+    """Ctrl-C (SIGINT) in the middle of `tsarank rerank`: no traceback, exit 130, a line saying how many queries are
+    kept and to rerun with --resume; resuming gives the uninterrupted run's bytes."""
+    from tsarank.cli import main as tsarank_cli
+
+    common = _rerank_common(tiny)
+    full = tmp_path / "full.trec"
+    assert tsarank_cli(["rerank", *common, "--out", str(full)]) == 0, capsys.readouterr().err
+    interrupted, ctx = jobs.get("rerank_interrupted")
+    out = ctx["out"]
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert "Traceback" not in interrupted.stderr and "KeyboardInterrupt" not in interrupted.stderr
+    assert (f"interrupted: 2 of 6 queries are kept in {out}.partial; run the same command with --resume to continue"
+            in interrupted.stderr)
+    assert not out.exists() and not Path(f"{out}.lock").exists()
+    resumed = _ok(_run(["tsarank", "rerank", *common, "--out", out, "--resume"], out.parent))
+    assert "2 queries resumed" in resumed.stdout
+    assert out.read_bytes() == full.read_bytes()
+    assert not Path(f"{out}.partial").exists() and not Path(f"{out}.partial.json").exists()

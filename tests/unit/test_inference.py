@@ -346,6 +346,15 @@ def test_rerank_command_validates_inputs_before_loading_model(tmp_path, capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
+def _interrupted_run_options(out: Path, argv: list[str]) -> None:
+    """The options file an interrupted `tsarank rerank ARGV --out OUT` leaves beside its sidecar."""
+    from tsarank.cli import build_parser
+    from tsarank.commands.rerank import run_options
+
+    ns = build_parser().parse_args([*argv, "--out", str(out)])
+    Path(str(out) + ".partial.json").write_text(json.dumps(run_options(ns)))
+
+
 def test_rerank_command_output_and_resume(tiny_checkpoint, tiny_tokenizer, model, tmp_path, capsys):
     cands = tmp_path / "cands.json"
     entries = write_candidates(cands)
@@ -367,6 +376,7 @@ def test_rerank_command_output_and_resume(tiny_checkpoint, tiny_tokenizer, model
     out = tmp_path / "out.trec"
     sidecar = Path(str(out) + ".partial")
     sidecar.write_text("".join(lines[:6]) + lines[6] + lines[7][:9])
+    _interrupted_run_options(out, args)
     assert cli(*args, "--out", str(out)) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli(*args, "--out", str(out), "--resume") == 0
@@ -376,6 +386,7 @@ def test_rerank_command_output_and_resume(tiny_checkpoint, tiny_tokenizer, model
     # A sidecar from other inputs is refused, not merged.
     stale = tmp_path / "stale.trec"
     Path(str(stale) + ".partial").write_text(lines[0].replace("d3-", "zz-"))
+    _interrupted_run_options(stale, args)
     assert cli(*args, "--out", str(stale), "--resume") == 2
     assert "stale" in capsys.readouterr().err
     Path(str(stale) + ".partial").write_text(lines[0].replace(" tiny", " other"))

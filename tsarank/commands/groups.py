@@ -124,7 +124,7 @@ def run_groups(args: argparse.Namespace) -> int:
                 corpus, queries, qrels, **bm25_options(args), **common)
         else:
             groups, stats = groups_from_run(run, corpus, queries, qrels, **common)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -41,6 +41,11 @@ examples:
 """
 
 SIDECAR_SUFFIX = ".partial"
+META_SUFFIX = ".partial.json"  # the options of the run that wrote the sidecar: --resume must use the same
+LOCK_SUFFIX = ".lock"
+# Options that change the scores or the batches (and so the bytes of the run): a resume must repeat them.
+RUN_OPTIONS = ("model", "top_k", "tag", "dtype", "device", "attn_implementation", "max_tokens", "batch_size",
+               "chunk_docs", "template", "max_doc_tokens", "max_query_tokens", "max_length", "max_queries")
 # Documents per chunk (one flush to the sidecar): a few CPU batches, or one large GPU batch.
 DEFAULT_CHUNK_DOCS = {"cpu": 256, "cuda": 2048}
 _MISSING_SHOWN = 5
@@ -178,6 +183,63 @@ def read_sidecar(path: Path, expected: dict[str, set[str]], chunks: list[list[st
     return SidecarState(keep, valid_bytes, len(texts) - kept_lines)
 
 
+def run_options(args: argparse.Namespace) -> dict[str, object]:
+    """The options a resumed run must share with the interrupted one (see :data:`RUN_OPTIONS`)."""
+    return {name: getattr(args, name, None) for name in RUN_OPTIONS}
+
+
+def check_resume_options(meta_path: Path, current: dict[str, object]) -> None:
+    """Refuse ``--resume`` with options other than those of the run that wrote the sidecar.
+
+    Raises:
+        ValueError: Names every differing option, with both values.
+    """
+    import json
+
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path} is missing, so the options of the interrupted run are unknown. Fix: delete "
+                         f"{meta_path.with_suffix('')} to start over")
+    saved = json.loads(meta_path.read_text(encoding="utf-8"))
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} then, {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise ValueError(
+            "--resume with other options than the interrupted run would mix two rankings in one file: "
+            + "; ".join(diffs) + ". Fix: rerun with the interrupted run's options, or delete "
+            f"{meta_path.with_suffix('')} to start over")
+
+
+class OutputLock:
+    """An exclusive lock on ``OUT.lock`` while a run writes ``OUT``: a second ``tsarank rerank`` with the same
+    ``--out`` stops at once instead of interleaving its lines with the first's sidecar or replacing its output."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.with_name(out.name + LOCK_SUFFIX)
+        self.fh = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise FileExistsError(f"another tsarank rerank (pid {holder}) is writing {self.path.with_suffix('')}; "
+                                  "wait for it, or choose another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.path.unlink(missing_ok=True)  # while still holding the lock: no one else owns this file yet
+            self.fh.close()
+
+
 def _report_missing(missing: list[str], strict: bool) -> None:
     if not missing:
         return
@@ -191,12 +253,12 @@ def _report_missing(missing: list[str], strict: bool) -> None:
 
 
 def _device_type(device: str | None) -> str:
-    from tsarank.backend import resolve_device
+    from tsarank.backend import check_device_available
 
     try:
-        kind = resolve_device(device).type
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        kind = check_device_available(device).type
+    except ValueError as exc:
+        raise ValueError(f"--device: {exc}") from None
     return "cuda" if kind == "cuda" else "cpu"
 
 
@@ -229,15 +291,20 @@ def _check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank rerank``; returns the process exit code."""
-    from tsarank.atomic import atomic_open
+    import contextlib
+
     from tsarank.atomic import check_output_file
-    from tsarank.data.formats import format_run_lines, load_candidates
+    from tsarank.data.formats import load_candidates
 
     out = Path(args.out)
     sidecar = out.with_name(out.name + SIDECAR_SUFFIX)
+    meta = out.with_name(out.name + META_SUFFIX)
     t_start = time.perf_counter()
+    hold = contextlib.ExitStack()
     try:
         _check_args(args)
+        check_output_file(out, overwrite=True)  # the place: an existing, writable directory (the lock lives there)
+        hold.enter_context(OutputLock(out))  # held until this function returns
         check_output_file(out, args.overwrite,
                           note=" (the interrupted run had already finished)" if sidecar.exists() else "")
         if sidecar.exists() and not args.resume:
@@ -260,10 +327,25 @@ def run(args: argparse.Namespace) -> int:
         chunks = [[c.qid for c in lists[s:e]] for s, e in plan_chunks([len(c) for c in lists], chunk_docs)]
         _check_model_arg(args.model)
         expected = {c.qid: set(c.docids) for c in lists}
-        state = read_sidecar(sidecar, expected, chunks, args.tag) if (args.resume and sidecar.exists()) else SidecarState({}, 0, 0)
+        resuming = args.resume and sidecar.exists()
+        if resuming:
+            check_resume_options(meta, run_options(args))
+        state = read_sidecar(sidecar, expected, chunks, args.tag) if resuming else SidecarState({}, 0, 0)
     except (DataError, ValueError, OSError) as exc:
+        hold.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    with hold:
+        return _score_and_write(args, out, sidecar, meta, lists, chunks, state, empty, t_start)
+
+
+def _score_and_write(args: argparse.Namespace, out: Path, sidecar: Path, meta: Path, lists: list, chunks: list,
+                     state: SidecarState, empty: list[str], t_start: float) -> int:
+    """Score the chunks the sidecar lacks, appending each to it, then write ``out`` atomically (under the lock)."""
+    import json
+
+    from tsarank.atomic import atomic_open, atomic_write_text
+
     if empty:
         print(f"warning: {len(empty)} queries have no candidates and get no lines (e.g. {', '.join(empty[:_MISSING_SHOWN])})", file=sys.stderr)
     if args.resume and not sidecar.exists():
@@ -284,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from tqdm.auto import tqdm
 
+        if not state.lines:  # a fresh sidecar: record the options a --resume must repeat
+            atomic_write_text(meta, json.dumps(run_options(args), indent=1) + "\n")
+
         # Truncate away a torn tail so that appended chunks follow the last complete one.
         with open(sidecar, "ab") as fh:
             fh.truncate(state.valid_bytes)
@@ -292,23 +377,14 @@ def run(args: argparse.Namespace) -> int:
                    smoothing=0.1, file=sys.stderr,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} docs [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         t0 = time.perf_counter()
+        written = [len(state.lines)]  # queries whose lines are on disk in the sidecar
         try:
-            with open(sidecar, "a", encoding="utf-8", newline="") as fh:
-                for chunk in todo:
-                    cands = [by_qid[q] for q in chunk]
-                    pairs = [(c.query, text) for c in cands for text in c.texts]
-                    scores = ranker.score_pairs(pairs, batch_size=args.batch_size, on_batch=bar.update)
-                    block: list[str] = []
-                    offset = 0
-                    for c in cands:
-                        ranked = list(zip(c.docids, scores[offset : offset + len(c)]))
-                        offset += len(c)
-                        lines = format_run_lines(c.qid, ranked, tag=args.tag)
-                        state.lines[c.qid] = lines
-                        block.extend(lines)
-                    fh.write("".join(block))  # one write per chunk: a kill tears at most this chunk
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            _score_chunks(ranker, args, sidecar, todo, by_qid, state, bar, written)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted: {written[0]} of {len(lists)} queries are kept in {sidecar}; run the same command "
+                  "with --resume to continue (the result is identical to an uninterrupted run)", file=sys.stderr)
+            return 130
         finally:
             bar.close()
         elapsed_scoring = time.perf_counter() - t0
@@ -321,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: could not write {out}: {exc}; the scored queries are kept in {sidecar} (rerun with --resume)", file=sys.stderr)
         return 1
     sidecar.unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
     rate = n_docs_todo / elapsed_scoring if elapsed_scoring > 0 else float("nan")
     resumed = f", {len(lists) - sum(len(c) for c in todo)} queries resumed" if len(todo) < len(chunks) else ""
     print(
@@ -328,6 +405,31 @@ def run(args: argparse.Namespace) -> int:
         f"{rate:.1f} docs/s{resumed}; total {time.perf_counter() - t_start:.1f} s) -> {out}"
     )
     return 0
+
+
+def _score_chunks(ranker, args: argparse.Namespace, sidecar: Path, todo: list[list[str]], by_qid: dict, state: SidecarState,
+                  bar, written: list[int]) -> None:
+    """Score each chunk and append its lines to the sidecar in one write (flush + fsync): a kill or Ctrl-C tears at
+    most the chunk being written, which ``--resume`` drops and scores again."""
+    from tsarank.data.formats import format_run_lines
+
+    with open(sidecar, "a", encoding="utf-8", newline="") as fh:
+        for chunk in todo:
+            cands = [by_qid[q] for q in chunk]
+            pairs = [(c.query, text) for c in cands for text in c.texts]
+            scores = ranker.score_pairs(pairs, batch_size=args.batch_size, on_batch=bar.update)
+            block: list[str] = []
+            offset = 0
+            for c in cands:
+                ranked = list(zip(c.docids, scores[offset : offset + len(c)]))
+                offset += len(c)
+                lines = format_run_lines(c.qid, ranked, tag=args.tag)
+                state.lines[c.qid] = lines
+                block.extend(lines)
+            fh.write("".join(block))
+            fh.flush()
+            written[0] += len(cands)  # in the file now (an interrupt inside fsync does not take it back)
+            os.fsync(fh.fileno())
 
 
 def _load_ranker(args: argparse.Namespace):

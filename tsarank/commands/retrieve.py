@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
         check_output_file(out, args.overwrite)
+        options = bm25_options(args)
         queries_path = queries_source(corpus_path, args.queries)
         qrels_path = _resolve_qrels(args, corpus_path)
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         corpus = read_corpus(corpus_path)
         queries = read_queries(queries_path)
         qrels = read_qrels(qrels_path) if qrels_path else None
-    except (DataError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -98,12 +99,16 @@ def run(args: argparse.Namespace) -> int:
 
     t1 = time.perf_counter()
     try:
-        results = bm25_retrieve(corpus, queries, top_k=args.top_k, **bm25_options(args))
+        results = bm25_retrieve(corpus, queries, top_k=args.top_k, **options)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     empty = sum(1 for ranked in results.values() if not ranked)
-    write_run(out, results, tag=args.tag, top_k=args.top_k)
+    try:
+        write_run(out, results, tag=args.tag, top_k=args.top_k)
+    except OSError as exc:
+        print(f"error: could not write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"retrieved top-{args.top_k} for {len(results):,} queries in {time.perf_counter() - t1:.1f} s; wrote {out}", file=sys.stderr)
     if empty:
         print(f"warning: {empty} queries matched no document and have no lines in the run", file=sys.stderr)
