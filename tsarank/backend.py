@@ -28,6 +28,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_attn_implementation",
     "from_pretrained_attn",
+    "check_device_available",
 ]
 
 FLASH_ATTENTION = "flash_attention_2"
@@ -58,7 +59,28 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     """``None`` means CUDA when available, else CPU; anything else goes through ``torch.device``."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def check_device_available(device: torch.device | str | None) -> torch.device:
+    """:func:`resolve_device`, and the device must exist here: a user's ``--device cuda`` on a CPU-only torch is a
+    one-line error before any work, not an assertion inside torch after the model has loaded.
+
+    Raises:
+        ValueError: No CUDA (CPU-only torch build, or no visible GPU), or a CUDA index beyond the visible devices.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has {build}. Fix: --device cpu (or "
+                             "leave it unset: CUDA when available, else CPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
 
 
 def native_bf16(device: torch.device | str | None) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .backend import resolve_device, resolve_dtype
+from .backend import check_device_available, resolve_dtype
 from .distributed import world
 from .modeling import LastTokenHead, last_token_scores, query_likelihood_scores
 from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, encode_pairs
@@ -72,6 +72,17 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int | None 
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    """The CLI's rule (``--batch-size`` >= 1) on the Python API too."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
 
 
 class Ranker:
@@ -153,7 +164,7 @@ class Ranker:
         """
         from .loading import load_for_scoring, resolve_checkpoint
 
-        device = resolve_device(device)
+        device = check_device_available(device)
         spec = resolve_checkpoint(name_or_path, template)
         chosen = spec.template.with_budgets(max_doc_tokens, max_query_tokens, max_length)  # bad budgets: before loading
         model, tokenizer, head = load_for_scoring(
@@ -229,7 +240,13 @@ class Ranker:
         on_batch: Callable[[int], None] | None = None,
     ) -> list[float]:
         """Score many (query, doc) pairs at once, batching across queries. Results in input order."""
+        if isinstance(pairs, (str, bytes)):
+            raise TypeError("pairs must be a list of (query, doc) pairs, got a single string")
+        _check_batch_size(batch_size)
         pairs = list(pairs)
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise TypeError(f"pairs[{i}] must be a (query, doc) pair, got {_describe(pair)}")
         for i, (q, d) in enumerate(pairs):
             check_query(q, f"pairs[{i}][0] (query)")
             if not isinstance(d, str):
@@ -242,6 +259,8 @@ class Ranker:
     def score(self, query: str, docs: Sequence[str], *, batch_size: int | None = None) -> list[float]:
         """Score each doc for ``query`` (mean log p(query tokens | doc), or the last-token head); input order."""
         check_query(query)
+        if isinstance(docs, (str, bytes)):  # list("a doc") would score each character
+            raise TypeError("docs must be a list of strings, got a single string; pass [doc] to score one document")
         docs = list(docs)
         for i, d in enumerate(docs):
             if not isinstance(d, str):
@@ -251,7 +270,13 @@ class Ranker:
         return self.score_pairs([(query, d) for d in docs], batch_size=batch_size)
 
     def rerank(self, query: str, docs: Sequence[str], top_k: int | None = None) -> list[tuple[int, float]]:
-        """``(index, score)`` best first; ties broken by the lower input index (deterministic)."""
+        """``(index, score)`` best first; ties broken by the lower input index (deterministic).
+
+        Raises:
+            ValueError: ``top_k`` below 1 (``None`` keeps every document).
+        """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
         scores = self.score(query, docs)
         ranked = sorted(enumerate(scores), key=lambda t: (-t[1], t[0]))
         return ranked[:top_k] if top_k is not None else ranked

@@ -10,6 +10,7 @@ gets the same checks, with a message that says what to change; :class:`SFTArgume
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import sys
 from dataclasses import dataclass, field, fields
@@ -224,12 +225,68 @@ class TsarankTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         super().__post_init__()
         import torch
 
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             # Pinned memory only speeds up host-to-GPU copies; without a GPU torch warns once per DataLoader.
             self.dataloader_pin_memory = False
+
+
+    def _check_ranges(self) -> None:
+        """Values ``TrainingArguments`` accepts but cannot mean (a run of 0 steps, a batch of 0, a negative learning
+        rate): refused here, before any data or model is loaded."""
+        bad = []
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad.append(f"--max_steps must be -1 (the epochs decide) or >= 1, got {self.max_steps}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                bad.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate >= 0:
+            bad.append(f"--learning_rate must be >= 0, got {self.learning_rate}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            bad.append(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            bad.append(f"--warmup_steps, --weight_decay and --max_grad_norm must be >= 0, got {self.warmup_steps}, "
+                       f"{self.weight_decay} and {self.max_grad_norm}")
+        if isinstance(self.logging_steps, (int, float)) and self.logging_steps <= 0:
+            bad.append(f"--logging_steps must be > 0, got {self.logging_steps}")
+        if isinstance(self.save_steps, (int, float)) and self.save_steps <= 0:
+            bad.append(f"--save_steps must be > 0, got {self.save_steps}")
+        if bad:
+            raise OptionError("; ".join(bad))
+
+
+def _coerce_yaml_value(path: str, key: str, value: Any, action: Any) -> Any:
+    """A YAML value typed as strictly as the same flag would be (argparse does not convert defaults).
+
+    Raises:
+        OptionError: ``max_steps: 2.5``, ``learning_rate: fast``, ``bf16: maybe``...; the message names file and key.
+    """
+    kind = action.type
+    if value is None or kind is None or action.nargs not in (None, "?"):
+        return value
+    where = f"{path}: {key}"
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if isinstance(value, bool) and getattr(kind, "__name__", "") in ("string_to_bool", "str2bool"):
+        return value
+    if isinstance(value, (dict, list)):  # e.g. report_to: [wandb, tensorboard]; transformers checks those
+        return value
+    try:
+        converted = kind(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise OptionError(f"{where}: {exc}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
 
 
 def _dataclass_fields(types: Sequence[type]) -> set[str]:
@@ -292,7 +349,7 @@ def parse_stage_args(
     for action in parser._actions:
         if action.dest in values:
             action.required = False
-            action.default = values[action.dest]
+            action.default = _coerce_yaml_value(config_path, action.dest, values[action.dest], action)
     *instances, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         bad = remaining[0].lstrip("-").split("=")[0]

@@ -66,6 +66,16 @@ class SidecarMixin:
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     """Refuse to write into a non-empty ``output_dir`` unless asked (``--overwrite_output_dir``) or resuming."""
     p = Path(output_dir)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"--output_dir {output_dir} is a file, not a directory. Fix: choose a directory path")
+    existing = p
+    while not existing.exists() and existing != existing.parent:  # the directory that the run will create in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(f"--output_dir {output_dir}: {existing} is a file, so the directory cannot be created")
+    from ..atomic import check_writable_dir
+
+    check_writable_dir(existing, "--output_dir")
     if p.exists() and any(p.iterdir()) and not (overwrite or resuming):
         raise FileExistsError(
             f"output_dir {output_dir} exists and is not empty. Fix: choose a new --output_dir, pass "

@@ -44,6 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, Any, Any, Any]:
     )
     if not data_args.train_file:
         raise OptionError("no training data: pass --train_file PAIRS.jsonl (build one with `tsarank data weak-pairs`)")
+    from .model_setup import check_model_source
+
+    check_model_source(model_args.model_name_or_path, "model_name_or_path")
     if training_args.eval_strategy != "no" and not data_args.validation_file:
         raise OptionError(
             f"eval_strategy={training_args.eval_strategy.value!r} needs --validation_file. Fix: pass a validation "
@@ -172,7 +175,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
     try:
         train(argv, extra_callbacks)
         return 0
-    except (DataError, OptionError, FileExistsError, FileNotFoundError) as exc:
+    except (DataError, OptionError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

@@ -41,6 +41,41 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def check_model_source(value: str | None, flag: str) -> None:
+    """Before anything loads: a model option names ``default``, a Hub id ``ORG/NAME``, or a directory holding a
+    causal LM (``config.json`` with a ``*ForCausalLM`` / ``*LMHeadModel`` architecture).
+
+    Raises:
+        OptionError: A missing path, a file, a directory without ``config.json`` (a LoRA adapter is named as such),
+            or another kind of model; the message names the option.
+    """
+    import json
+    from pathlib import Path
+
+    from .arguments import OptionError
+
+    if not value or value == "default":
+        return
+    p = Path(value)
+    if not p.exists():
+        parts = value.split("/")
+        if len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~")):
+            return  # a Hub id: from_pretrained resolves it
+        raise OptionError(f"--{flag} {value}: no such directory (and not a Hub id ORG/NAME)")
+    if not p.is_dir():
+        raise OptionError(f"--{flag} {value} is a file; pass a checkpoint directory (config.json + weights)")
+    if not (p / "config.json").is_file():
+        if (p / "adapter_config.json").is_file():
+            raise OptionError(f"--{flag} {value} is a LoRA adapter directory; pass its merged checkpoint "
+                              f"({p / 'merged'} when trained with merge_lora) or the base model")
+        raise OptionError(f"--{flag} {value}: no config.json in this directory; pass a checkpoint directory "
+                          "(config.json + weights) or a Hub id")
+    archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise OptionError(f"--{flag} {value} is a {', '.join(archs)} checkpoint; both stages train a causal LM "
+                          "(a *ForCausalLM architecture)")
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     """The fast tokenizer of a model (``"default"`` allowed), padding on the right.
 

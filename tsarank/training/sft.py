@@ -71,6 +71,8 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
     Raises:
         OptionError: With what to change.
     """
+    from .model_setup import check_model_source
+
     loss_config = sft_args.loss_config()
     template = data_args.prompt_template(sft_args.scoring_head)
     if sft_args.init_from:
@@ -87,7 +89,9 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
     for flag, value in (("model_name_or_path", model_args.model_name_or_path),
                         ("ref_model_name_or_path", sft_args.ref_model_name_or_path),
                         ("init_from", sft_args.init_from)):
-        if value and value != "default" and not Path(value).exists() and not _looks_like_hub_id(value):
+        if flag != "init_from":  # init_from's layout is checked above, with its own advice
+            check_model_source(value, flag)
+        elif value and not Path(value).exists() and not _looks_like_hub_id(value):
             raise OptionError(f"--{flag} {value}: no such directory (and not a Hub id ORG/NAME)")
     if sft_args.lambda_dp == 0 and sft_args.ref_model_name_or_path:
         logger.warning("--ref_model_name_or_path %s is unused: the reference only serves L_dp and lambda_dp is 0",
@@ -150,7 +154,20 @@ def load_group_files(files: Sequence[str], group_size: int, loss: str,
         counts[path] = n
         if max_train_samples is not None and len(records) >= max_train_samples:
             break
+    _warn_short_groups(records, group_size)
     return records, counts
+
+
+def _warn_short_groups(records: Sequence[dict[str, Any]], group_size: int) -> None:
+    """Say, with counts, how many groups have fewer distinct negatives than ``train_group_size - 1``: their groups
+    repeat negatives (sampled with replacement), which teaches less than the group size suggests."""
+    need = group_size - 1
+    short = [len(r["negative_passages"]) for r in records if 0 < len(r["negative_passages"]) < need]
+    if short:
+        logger.warning(
+            "%d of %d groups have fewer than %d distinct negatives (fewest: %d, median: %d); their groups of %d repeat "
+            "negatives. Mine deeper (`tsarank data groups --negatives %d`) or lower --train_group_size.",
+            len(short), len(records), need, min(short), sorted(short)[len(short) // 2], group_size, need)
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -345,7 +362,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
     the NaN guard's message exits with status 1."""
     try:
         result = train(argv, extra_callbacks)
-    except (OptionError, DataError, FileExistsError, FileNotFoundError) as exc:
+    except (OptionError, DataError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the NaN guard: the message names the step and the last good checkpoint
