@@ -159,6 +159,17 @@ class EncodedPair:
             self.query_start, self.query_end = self.target_start, self.target_end
 
 
+#: A text is tokenized only up to ``(budget + 1) * CHARS_PER_TOKEN_BOUND`` characters (at least 4096): the time
+#: and memory of one document then depend on its token budget, not on its length (a 100 MB "passage" costs what a
+#: page does). Real tokens are far shorter than 64 characters, so the first ``budget`` tokens always lie inside.
+CHARS_PER_TOKEN_BOUND = 64
+
+
+def _heads(texts: Sequence[str], budget: int) -> list[str]:
+    limit = max(4096, (budget + 1) * CHARS_PER_TOKEN_BOUND)
+    return [t[:limit] for t in texts]
+
+
 def _truncate(tokenizer: Any, texts: Sequence[str], budget: int) -> list[str]:
     """Cut each text to at most ``budget`` tokens (no special tokens); texts within budget are returned unchanged.
 
@@ -169,6 +180,7 @@ def _truncate(tokenizer: Any, texts: Sequence[str], budget: int) -> list[str]:
     """
     if not texts:
         return []
+    texts = _heads(texts, budget)
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     out = list(texts)
     cut_at: dict[int, list[int]] = {}  # text index -> candidate cut offsets, best first
@@ -204,7 +216,7 @@ def check_query(query: Any, where: str = "query") -> str:
 def _truncate_decode(tokenizer: Any, texts: Sequence[str], budgets: Sequence[int]) -> list[str]:
     """RankingGPT's cut: ``decode(encode(text, add_special_tokens=False)[:budget])``, the text as the tokenizer writes
     it back (its released code round-trips every document this way, within budget or not)."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(_heads(texts, max(budgets, default=0)), add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(x[: max(b, 0)]) for x, b in zip(ids, budgets)]
 
 
@@ -287,7 +299,7 @@ def _encode_rankinggpt(
     tokenizer: Any, template: PromptTemplate, queries: Sequence[str], docs: Sequence[str]
 ) -> list[EncodedPair]:
     """RankingGPT's construction (pretrain.py / sft.py / eval.py), see :class:`PromptTemplate`."""
-    q_ids = tokenizer(list(queries), add_special_tokens=False)["input_ids"]
+    q_ids = tokenizer(_heads(queries, template.max_query_tokens), add_special_tokens=False)["input_ids"]
     # A query is cut only beyond its budget (eval.py never cuts it; sft.py round-trips it at 32 tokens).
     qs = [q if len(ids) <= template.max_query_tokens else tokenizer.decode(ids[: template.max_query_tokens])
           for q, ids in zip(queries, q_ids)]

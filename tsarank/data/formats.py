@@ -152,6 +152,19 @@ def _open_binary(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _utf16(head: bytes) -> bool:
+    """A UTF-16 file: its byte-order mark, or (without one) a NUL byte beside every ASCII character."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    sample = head[:200]
+    return len(sample) >= 4 and sample.count(b"\x00") * 3 >= len(sample)
+
+
+def _utf16_error(path: Path) -> DataError:
+    return DataError(path, 1, None, "expected UTF-8 text, got UTF-16 (a byte-order mark or NUL bytes between characters)",
+                     fix=f"re-encode the file as UTF-8 (e.g. `iconv -f utf-16 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`)")
+
+
 def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` for every non-blank line, streaming.
 
@@ -172,6 +185,8 @@ def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
                 raw = raw[:-1]
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
+            if number == 1 and _utf16(raw):
+                raise _utf16_error(path)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -674,6 +689,8 @@ def _iter_json_entries(path: Path) -> Iterator[tuple[int, Any]]:
     _check_file(path)
     with _open_binary(path) as fh:
         raw = fh.read()
+    if _utf16(raw[:4096]):
+        raise _utf16_error(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
