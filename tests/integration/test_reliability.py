@@ -148,6 +148,9 @@ RERANK_KILL_HARNESS = textwrap.dedent("""
     from tsarank.cli import main
 
     SIGNAL, KILL_AFTER, calls = getattr(signal, sys.argv[1]), int(sys.argv[2]), [0]
+    # As in a terminal: a test runner started in the background (`cmd &` in a script) passes SIGINT on as ignored,
+    # and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _fsync = os.fsync
 
     def fsync(fd):
