@@ -258,3 +258,12 @@ def test_one_document_costs_its_budget_not_its_length(style, model, tiny_tokeniz
     assert recording.longest <= 4096 + 200  # the tokenizer never saw more than the head of the text
     assert got == pytest.approx(Ranker(model, tiny_tokenizer, template).score("capital of france", [huge[:5000]]),
                                 abs=1e-6)
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    """PyYAML reads `learning_rate: 1e-4` as the string '1e-4'; it is the number the flag would give."""
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 1e-4\nmax_steps: 3\n")
+    _, _, _, training_args = sft.parse_args(["--config", str(config), "--output_dir", str(tmp_path / "o"),
+                                              "--model_name_or_path", "default", "--train_file", "x.jsonl"])
+    assert training_args.learning_rate == 1e-4 and training_args.max_steps == 3

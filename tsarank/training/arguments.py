@@ -273,6 +273,11 @@ def _coerce_yaml_value(path: str, key: str, value: Any, action: Any) -> Any:
             raise OptionError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; the flag would take it
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
