@@ -41,6 +41,12 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def looks_like_hub_id(value: str) -> bool:
+    """``ORG/NAME``: two non-empty parts, not a relative or absolute path."""
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+
+
 def check_model_source(value: str | None, flag: str) -> None:
     """Before anything loads: a model option names ``default``, a Hub id ``ORG/NAME``, or a directory holding a
     causal LM (``config.json`` with a ``*ForCausalLM`` / ``*LMHeadModel`` architecture).
@@ -58,9 +64,8 @@ def check_model_source(value: str | None, flag: str) -> None:
         return
     p = Path(value)
     if not p.exists():
-        parts = value.split("/")
-        if len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~")):
-            return  # a Hub id: from_pretrained resolves it
+        if looks_like_hub_id(value):
+            return  # from_pretrained resolves it
         raise OptionError(f"--{flag} {value}: no such directory (and not a Hub id ORG/NAME)")
     if not p.is_dir():
         raise OptionError(f"--{flag} {value} is a file; pass a checkpoint directory (config.json + weights)")

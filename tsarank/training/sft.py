@@ -71,7 +71,7 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
     Raises:
         OptionError: With what to change.
     """
-    from .model_setup import check_model_source
+    from .model_setup import check_model_source, looks_like_hub_id
 
     loss_config = sft_args.loss_config()
     template = data_args.prompt_template(sft_args.scoring_head)
@@ -91,7 +91,7 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
                         ("init_from", sft_args.init_from)):
         if flag != "init_from":  # init_from's layout is checked above, with its own advice
             check_model_source(value, flag)
-        elif value and not Path(value).exists() and not _looks_like_hub_id(value):
+        elif value and not Path(value).exists() and not looks_like_hub_id(value):
             raise OptionError(f"--{flag} {value}: no such directory (and not a Hub id ORG/NAME)")
     if sft_args.lambda_dp == 0 and sft_args.ref_model_name_or_path:
         logger.warning("--ref_model_name_or_path %s is unused: the reference only serves L_dp and lambda_dp is 0",
@@ -100,11 +100,6 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
         # The group collator's keys are not forward() arguments; the Trainer must not drop them.
         training_args.remove_unused_columns = False
     return loss_config, template
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not value.startswith((".", "/"))
 
 
 # -------------------------------------------------------------------------------------------------- data
