@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tsarank.data.formats import Doc
+from tsarank.data.formats import Doc, trec_order
 
 __all__ = ["add_bm25_arguments", "bm25_options", "bm25_retrieve", "qrels_split_path"]
 
@@ -154,10 +154,11 @@ def bm25_retrieve(
         excluded = exclude.get(qid, ()) if exclude else ()
         want = min(n_docs, top_k + len(excluded))
         # Threshold at the want-th best score, then keep every document at or
-        # above it, so that ties at the cut are resolved by docid, not by chance.
+        # above it, so that ties at the cut are resolved by docid (as trec_eval
+        # orders them), not by chance.
         kth = np.partition(scores, n_docs - want)[n_docs - want]
         keep = np.nonzero((scores >= kth) & (scores > 0))[0]
-        ranked = sorted(zip(docid_arr[keep].tolist(), scores[keep].tolist()), key=lambda it: (-it[1], it[0]))
+        ranked = trec_order(zip(docid_arr[keep].tolist(), scores[keep].tolist()))
         if excluded:
             ranked = [item for item in ranked if item[0] not in excluded]
         results[qid] = [(d, float(s)) for d, s in ranked[:top_k]]

@@ -284,12 +284,12 @@ def test_write_run_order_ties_topk_and_round_trip(tmp_path):
     lines = out.read_text().splitlines()
     assert lines == [
         "q2 Q0 c 1 3.25 mytag",
-        "q2 Q0 a 2 1 mytag",  # tie at 1.0 broken by docid ascending
+        "q2 Q0 b 2 1 mytag",  # tie at 1.0 broken by docid descending, as trec_eval orders it
         "q1 Q0 z 1 0.5 mytag",
         "q1 Q0 y 2 0.12345679 mytag",  # format(score, '.8g')
     ]
     back = read_run(out)
-    assert [d for d, _ in back["q2"]] == ["c", "a"]
+    assert [d for d, _ in back["q2"]] == ["c", "b"]
     assert [p.name for p in tmp_path.iterdir()] == ["run.trec"]  # no temp file left
 
 
@@ -304,7 +304,7 @@ def test_write_run_is_atomic_on_failure(tmp_path):
 
 def test_format_run_lines():
     lines = format_run_lines("q", [("d2", 2.0), ("d1", 2.0), ("d3", 5)], tag="x")
-    assert lines == ["q Q0 d3 1 5 x\n", "q Q0 d1 2 2 x\n", "q Q0 d2 3 2 x\n"]
+    assert lines == ["q Q0 d3 1 5 x\n", "q Q0 d2 2 2 x\n", "q Q0 d1 3 2 x\n"]  # tie: docid descending
     assert format_run_lines("q", [("d", 1.0)], top_k=0) == []
     with pytest.raises(ValueError, match="whitespace"):
         format_run_lines("q", [("a b", 1.0)])
@@ -545,3 +545,21 @@ def test_real_beir_and_trec_files():
     assert all(d in corpus for judged in qrels.values() for d in judged)
     dl19 = read_qrels(real("trec-dl-passage/qrels.dl19-passage.txt"))
     assert sum(len(v) for v in dl19.values()) == 9260 and len(dl19) == 43
+
+
+def test_readers_writers_and_ir_measures_agree_on_tie_order(tmp_path):
+    """A run with ties, whose rank column says otherwise: read_run, write_run and ir_measures rank it alike."""
+    import ir_measures
+    from ir_measures import Qrel
+
+    run_path = tmp_path / "ties.trec"
+    run_path.write_text("q Q0 a 1 2.0 t\nq Q0 c 2 2.0 t\nq Q0 b 3 2.0 t\nq Q0 z 4 1.0 t\n")
+    order = [d for d, _ in read_run(run_path)["q"]]
+    assert order == ["c", "b", "a", "z"]  # score, then docid descending; the rank column is not consulted
+    # ir_measures: relevant document at each position in turn; RR reveals the rank it was evaluated at.
+    for position, docid in enumerate(order, 1):
+        rr = ir_measures.calc_aggregate([ir_measures.RR], [Qrel("q", docid, 1)], ir_measures.read_trec_run(str(run_path)))
+        assert rr[ir_measures.RR] == pytest.approx(1 / position)
+    out = tmp_path / "written.trec"
+    write_run(out, {"q": [("a", 2.0), ("b", 2.0), ("z", 1.0), ("c", 2.0)]}, top_k=2)
+    assert [line.split()[2] for line in out.read_text().splitlines()] == ["c", "b"]

@@ -65,13 +65,13 @@ def test_matches_brute_force_lucene_bm25(query, k1, b):
 def test_top_k_exclude_ties_and_no_match():
     docs = dict(DOCS) | {"d0": Doc("d0", "", "the quick brown fox jumps over the lazy dog")}  # twin of d1
     run = bm25_retrieve(docs, {"q": "quick brown dog", "none": "zebra", "short": "a b c"}, top_k=2, stemmer=None, stopwords=None)
-    assert [d for d, _ in run["q"]] == ["d0", "d1"]  # equal scores, docid ascending
+    assert [d for d, _ in run["q"]] == ["d1", "d0"]  # equal scores, docid descending (trec_eval's order)
     assert run["q"][0][1] == run["q"][1][1]
     assert run["none"] == [] and run["short"] == []  # no matching token: nothing, not arbitrary zero-score documents
     excl = bm25_retrieve(docs, {"q": "quick brown dog"}, top_k=2, stemmer=None, stopwords=None, exclude={"q": {"d0", "d5"}})
     full = bm25_retrieve(docs, {"q": "quick brown dog"}, top_k=10, stemmer=None, stopwords=None)["q"]
     assert excl["q"] == [item for item in full if item[0] not in {"d0", "d5"}][:2]
-    assert [d for d, _ in full] == ["d0", "d1", "d5", "d3"]  # only documents that match at least one term
+    assert [d for d, _ in full] == ["d1", "d0", "d5", "d3"]  # only documents that match at least one term
 
 
 def test_stemming_and_stopwords():

@@ -585,7 +585,9 @@ def read_run(path: PathLike) -> dict[str, list[tuple[str, float]]]:
 
     Returns:
         ``{qid: [(docid, score), ...]}``; queries in order of first appearance,
-        each list sorted by score descending, ties by rank ascending (then docid).
+        each list in :func:`trec_order` (score descending, ties by docid
+        descending): the order trec_eval and ir_measures evaluate, whatever the
+        rank column says.
 
     Raises:
         DataError: Wrong column count, non-numeric rank/score, NaN score, or the
@@ -613,7 +615,7 @@ def read_run(path: PathLike) -> dict[str, list[tuple[str, float]]]:
         per_query[docid] = (score, rank, number)
     _require_records(path, len(rows), "run line")
     return {
-        qid: [(d, s) for d, (s, _, _) in sorted(per.items(), key=lambda it: (-it[1][0], it[1][1], it[0]))]
+        qid: trec_order((d, s) for d, (s, _, _) in per.items())
         for qid, per in rows.items()
     }
 
@@ -624,11 +626,21 @@ def _check_token(what: str, value: Any) -> str:
     return value
 
 
+def trec_order(items: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``(docid, score)`` pairs in the order trec_eval (and so ir_measures, pytrec_eval) ranks them: score
+    descending, ties by docid descending. Every reader and writer of runs in tsarank uses it, so that the order a
+    run is re-ranked in, cut at ``--top-k`` in, and evaluated in are one order.
+    """
+    ordered = sorted(items, key=lambda it: it[0], reverse=True)
+    ordered.sort(key=lambda it: -it[1])  # stable: equal scores keep the docid-descending order
+    return ordered
+
+
 def format_run_lines(qid: str, ranked: Iterable[tuple[str, float]], tag: str = "tsarank", top_k: int | None = None) -> list[str]:
     """Format one query's ranking as TREC run lines.
 
-    The candidates are sorted by score descending, ties broken by docid
-    ascending, cut to ``top_k`` and numbered 1..k. Scores are written with
+    The candidates are put in :func:`trec_order` (score descending, ties by
+    docid descending, as trec_eval ranks them), cut to ``top_k`` and numbered 1..k. Scores are written with
     :data:`RUN_SCORE_FORMAT` (``format(score, ".8g")``).
 
     Args:
@@ -657,7 +669,7 @@ def format_run_lines(qid: str, ranked: Iterable[tuple[str, float]], tag: str = "
         if math.isnan(score):
             raise ValueError(f"score of docid {docid!r} for query {qid!r} is NaN")
         items.append((docid, score))
-    items.sort(key=lambda it: (-it[1], it[0]))
+    items = trec_order(items)
     if top_k is not None:
         items = items[:top_k]
     return [f"{qid} Q0 {docid} {rank} {format(score, RUN_SCORE_FORMAT)} {tag}\n" for rank, (docid, score) in enumerate(items, 1)]
@@ -667,7 +679,7 @@ def write_run(path: PathLike, run: Mapping[str, Iterable[tuple[str, float]]], ta
     """Write a TREC run atomically (temp file in the same directory, fsync, ``os.replace``).
 
     Queries are written in the mapping's order; each is formatted with
-    :func:`format_run_lines` (score descending, ties by docid, ranks 1..k, one tag).
+    :func:`format_run_lines` (:func:`trec_order`, ranks 1..k, one tag).
     A crash leaves either the old file or the complete new one, never half a run.
 
     Args:
