@@ -38,7 +38,9 @@ def score(query: str, docs: Sequence[str], model: Any = None) -> list[float]:
     The default model is loaded once per process and reused.
     """
     global _DEFAULT_RANKER
-    from .inference import Ranker
+    from .inference import Ranker, check_docs
+
+    docs = check_docs(query, docs)  # a bare string or an empty query fails now, not after loading a model
 
     if model is None:
         if _DEFAULT_RANKER is None:

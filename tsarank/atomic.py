@@ -22,7 +22,7 @@ from typing import IO, Any, Iterator
 
 PathLike = str | os.PathLike
 
-__all__ = ["check_output_file", "atomic_path", "atomic_open", "atomic_write_text", "atomic_directory"]
+__all__ = ["OutputBusy", "OutputLock", "check_output_file", "check_writable_dir", "new_directory", "atomic_path", "atomic_open", "atomic_write_text", "atomic_directory"]
 
 
 def check_output_file(path: PathLike, overwrite: bool, *, flag: str = "--out", note: str = "") -> Path:
@@ -64,6 +64,109 @@ def check_writable_dir(directory: PathLike, flag: str) -> None:
         raise PermissionError(f"{flag}: cannot write in {directory} ({exc.strerror or exc}); choose another place") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def nearest_existing(path: PathLike) -> Path:
+    """``path`` itself or its closest ancestor that exists (where ``mkdir -p path`` would start creating)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+@contextmanager
+def new_directory(path: PathLike) -> Iterator[Path]:
+    """``mkdir -p path`` for the duration of a job: on an exception (Ctrl-C included) the directories this call
+    created are removed again when they are empty, so a failed run leaves no empty output directory behind.
+
+    Yields:
+        ``path``, existing.
+    """
+    path = Path(path)
+    created = []
+    p = path
+    while not p.exists() and p != p.parent:
+        created.append(p)  # deepest first
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()  # only when empty: a file someone else put there meanwhile stays
+            except OSError:
+                break
+        raise
+
+
+class OutputBusy(FileExistsError):
+    """Another process holds the :class:`OutputLock` of an output."""
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``OUT.lock`` (beside ``OUT``) while a command writes ``OUT``: a second tsarank
+    command with the same output stops at once instead of interleaving its writes with the first's or replacing
+    its result. The lock dies with its process (no stale lock after a crash); the file is removed on release.
+
+    Args:
+        out: The output file or directory.
+        command: The command, for the message (``tsarank rerank``, ``training``...).
+        flag: The option that named the output.
+    """
+
+    def __init__(self, out: PathLike, command: str, flag: str = "--out") -> None:
+        out = Path(out)
+        self.out, self.command, self.flag = out, command, flag
+        self.path = out.with_name(out.name + ".lock")
+        self.fh: IO[str] | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import errno
+        import fcntl
+        import logging
+
+        while True:
+            try:
+                fh = open(self.path, "a+", encoding="utf-8")
+            except OSError:
+                return self  # no such or no writable directory: the command's own check of its output says so
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # A file system without locks (some network mounts): go on unprotected, but say so.
+                    logging.getLogger(__name__).warning("cannot lock %s (%s); concurrent writers are not detected",
+                                                        self.path, exc.strerror or exc)
+                    fh.close()
+                    return self
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()
+                who = f"pid {holder}" if holder else "another process"
+                raise OutputBusy(f"another {self.command} ({who}) is writing {self.out}; wait for it, or choose "
+                                      f"another {self.flag}") from None
+            # The holder before us unlinks the file while still locking it; a lock on that unlinked file protects
+            # nothing, so lock the file that is at the path now.
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.path.unlink(missing_ok=True)  # while still holding the lock: no one else owns this file yet
+            self.fh.close()
+            self.fh = None
 
 
 def _fsync_dir(directory: Path) -> None:

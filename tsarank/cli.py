@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C: outputs are written atomically, so nothing half-written is left; `rerank` and `train` catch it
+        # themselves to say how to resume. 130 = 128 + SIGINT, as a shell reports it.
+        print(f"\ninterrupted: tsarank {args.command} stopped; no output was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

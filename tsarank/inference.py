@@ -8,6 +8,7 @@ batches under a token budget (little padding), the LM head runs only on the quer
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -79,10 +80,46 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
+def positive_int_or_none(value: Any, name: str) -> int | None:
+    """The CLI's rule (``--batch-size``, ``--top-k`` >= 1) on the Python API: any integer type (``numpy.int64``
+    included, via ``__index__``) that is >= 1, or ``None``; not a bool or a float.
+
+    Raises:
+        ValueError: Anything else; the message names the argument.
+    """
+    if value is None:
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < 1:
+        raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    return number
+
+
 def _check_batch_size(batch_size: Any) -> None:
-    """The CLI's rule (``--batch-size`` >= 1) on the Python API too."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    positive_int_or_none(batch_size, "batch_size")
+
+
+def check_docs(query: Any, docs: Any) -> list[str]:
+    """``score(query, docs)``'s arguments checked as the CLI checks its inputs (before any model is loaded).
+
+    Returns:
+        ``docs`` as a list.
+
+    Raises:
+        TypeError: ``docs`` is a single string (``list("a doc")`` would score each character) or holds a non-string.
+        ValueError: An empty query.
+    """
+    check_query(query)
+    if isinstance(docs, (str, bytes)):
+        raise TypeError("docs must be a list of strings, got a single string; pass [doc] to score one document")
+    docs = list(docs)
+    for i, d in enumerate(docs):
+        if not isinstance(d, str):
+            raise TypeError(f"docs[{i}] must be a str, got {type(d).__name__}")
+    return docs
 
 
 class Ranker:
@@ -258,13 +295,7 @@ class Ranker:
 
     def score(self, query: str, docs: Sequence[str], *, batch_size: int | None = None) -> list[float]:
         """Score each doc for ``query`` (mean log p(query tokens | doc), or the last-token head); input order."""
-        check_query(query)
-        if isinstance(docs, (str, bytes)):  # list("a doc") would score each character
-            raise TypeError("docs must be a list of strings, got a single string; pass [doc] to score one document")
-        docs = list(docs)
-        for i, d in enumerate(docs):
-            if not isinstance(d, str):
-                raise TypeError(f"docs[{i}] must be a str, got {type(d).__name__}")
+        docs = check_docs(query, docs)
         if not docs:
             return []
         return self.score_pairs([(query, d) for d in docs], batch_size=batch_size)
@@ -275,8 +306,7 @@ class Ranker:
         Raises:
             ValueError: ``top_k`` below 1 (``None`` keeps every document).
         """
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        top_k = positive_int_or_none(top_k, "top_k")
         scores = self.score(query, docs)
         ranked = sorted(enumerate(scores), key=lambda t: (-t[1], t[0]))
         return ranked[:top_k] if top_k is not None else ranked

@@ -176,7 +176,9 @@ def resolve_checkpoint(name_or_path: str, template: PromptTemplate | str | None 
         else:
             why = _FETCH_ERRORS.get(name_or_path, "")
             where = ("Hub repository" + (" (offline and not in the HF cache)" if _offline() else "")
-                     + (f"; the Hub said {why}" if why else ""))
+                     + (f"; the Hub said {why.split('. ')[0]}" if why else ""))
+            # `runs/sft` looks like a Hub id ORG/NAME but is more likely a local path typed wrong (or run elsewhere).
+            where += f"; nor is there a local directory {local.resolve()}"
         raise FileNotFoundError(f"{name_or_path}: no config.json in this {where}. A model is a checkpoint directory "
                                 "(config.json + weights), a LoRA adapter directory (adapter_config.json) or a Hub id")
     cfg = json.loads(config.read_text(encoding="utf-8"))

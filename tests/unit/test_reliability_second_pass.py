@@ -77,10 +77,10 @@ def test_resume_with_another_model_is_refused(candidates, tiny_checkpoint, tmp_p
 
 
 def test_second_writer_of_the_same_out_stops_at_once(candidates, tiny_checkpoint, tmp_path, capsys):
-    from tsarank.commands.rerank import OutputLock
+    from tsarank.atomic import OutputLock
 
     out = tmp_path / "run.trec"
-    with OutputLock(out):  # a first `tsarank rerank --out run.trec`, still running
+    with OutputLock(out, "tsarank rerank"):  # a first `tsarank rerank --out run.trec`, still running
         assert cli(["rerank", "--candidates", str(candidates), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
         err = capsys.readouterr().err
     assert err.startswith("error: another tsarank rerank (pid ") and f"is writing {out}" in err
@@ -267,3 +267,190 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     _, _, _, training_args = sft.parse_args(["--config", str(config), "--output_dir", str(tmp_path / "o"),
                                               "--model_name_or_path", "default", "--train_file", "x.jsonl"])
     assert training_args.learning_rate == 1e-4 and training_args.max_steps == 3
+
+
+# ------------------------------------------------------------------------------ the same classes, further cases
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_bf16_without_gpu_and_negative_workers_are_option_errors(tmp_path, capsys):
+    for flags, message in ((["--bf16", "true"], "--bf16 asked for, but this machine has no CUDA GPU. Fix: add "
+                                                "--use_cpu true"),
+                           (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0")):
+        for stage in (sft, cpt):
+            rc = stage.main(["--model_name_or_path", "./no/model", "--train_file", str(tmp_path / "missing.jsonl"),
+                             "--output_dir", str(tmp_path / "o"), "--report_to", "none", *flags])
+            err = capsys.readouterr().err
+            assert rc == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_weak_pairs_checks_its_place_first_and_leaves_nothing_when_it_fails(tmp_path, capsys):
+    scifact = DATA / "beir" / "scifact"
+    # /sys refuses new files: refused before the (5,183-document) corpus is read.
+    assert cli(["data", "weak-pairs", "--corpus", str(scifact), "--out", "/sys/wp"]) == 2
+    assert "--out: cannot write in /sys" in capsys.readouterr().err
+    # A groups file that fails on its third line, after the directories were made: none of them is left behind.
+    bad = tmp_path / "groups.jsonl"
+    good = {"query": "q", "positive_passages": [{"text": "a long enough positive passage"}]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"query": 3}\n')
+    out = tmp_path / "new" / "wp"
+    assert cli(["data", "weak-pairs", "--groups", str(bad), "--out", str(out)]) == 2
+    assert f"{bad}:3" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_evaluate_plot_place_is_checked_before_reading_runs(tmp_path, capsys):
+    missing_run = tmp_path / "no-such-run.trec"
+    assert cli(["evaluate", "--run", str(missing_run), "--qrels", str(missing_run), "--compare", str(missing_run),
+                "--plot", "/sys/deltas.png"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --plot: cannot write in /sys (Permission denied); choose another place"
+    plot = tmp_path / "deltas.png"
+    plot.write_bytes(b"mine")
+    assert cli(["evaluate", "--run", str(missing_run), "--qrels", str(missing_run), "--compare", str(missing_run),
+                "--plot", str(plot)]) == 2
+    assert "refusing to overwrite existing" in capsys.readouterr().err and plot.read_bytes() == b"mine"
+
+
+def test_groups_stemmer_is_checked_before_reading_the_corpus(tmp_path, capsys):
+    assert cli(["data", "groups", "--corpus", str(tmp_path / "no-such-corpus"), "--queries", str(tmp_path / "q.tsv"),
+                "--qrels", str(tmp_path / "qrels.txt"), "--stemmer", "klingon", "--out", str(tmp_path / "g.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stemmer 'klingon'" in err and "no-such-corpus" not in err
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["retrieve", "--corpus", "C", "--out", "OUT"], "tsarank retrieve"),
+    (["data", "groups", "--corpus", "C", "--qrels", "Q", "--out", "OUT"], "tsarank data groups"),
+    (["data", "weak-pairs", "--corpus", "C", "--out", "OUT"], "tsarank data weak-pairs"),
+])
+def test_second_writer_stops_at_once_for_every_command(argv, command, tmp_path, capsys):
+    from tsarank.atomic import OutputLock
+
+    out = tmp_path / "out"
+    argv = [str(out) if a == "OUT" else str(tmp_path / a) if a in ("C", "Q") else a for a in argv]
+    with OutputLock(out, command):
+        assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: another {command} (pid ") and f"is writing {out}" in err, err
+    assert not Path(f"{out}.lock").exists() and not out.exists()
+
+
+def test_second_training_run_into_one_output_dir_stops_before_loading(tmp_path, tiny_checkpoint, capsys):
+    from tsarank.atomic import OutputLock
+
+    out = tmp_path / "run"
+    with OutputLock(out, "training run", flag="--output_dir"):
+        rc = sft.main(_sft_argv(tiny_checkpoint, _groups(tmp_path / "g.jsonl"), out))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: another training run (pid ") and "choose another --output_dir" in err
+    assert not out.exists()
+
+
+class _CtrlCAtStep:
+    """Raise KeyboardInterrupt at the end of a given step: where a SIGINT lands in a long training loop."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_training_says_how_to_resume_and_resume_finishes(tmp_path, tiny_checkpoint, capsys):
+    groups = _groups(tmp_path / "g.jsonl")
+    out = tmp_path / "run"
+    argv = _sft_argv(tiny_checkpoint, groups, out, max_steps=3, save_strategy="steps", save_steps=1)
+    assert sft.main(argv, extra_callbacks=[_CtrlCAtStep(2)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # The SIGINT landed after step 2's update, before its save: checkpoint-1 is the newest one on disk.
+    assert (f"interrupted at step 2: the newest checkpoint is {out / 'checkpoint-1'}; run the same command with "
+            "--resume_from_checkpoint true to continue from it") in err, err
+    assert not Path(f"{out}.lock").exists()
+    assert sft.main([*argv, "--resume_from_checkpoint", "true"]) == 0
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    # Interrupted before the first checkpoint: nothing to resume, and it says so.
+    out2 = tmp_path / "run2"
+    assert sft.main(_sft_argv(tiny_checkpoint, groups, out2, max_steps=3, save_strategy="steps", save_steps=2),
+                    extra_callbacks=[_CtrlCAtStep(1)]) == 130
+    assert "interrupted at step 1, before the first checkpoint (see --save_steps)" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_other_commands_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    import tsarank.retrieval
+
+    def interrupted(*args, **kwargs):  # SIGINT arriving while BM25 runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tsarank.retrieval, "bm25_retrieve", interrupted)
+    out = tmp_path / "bm25.trec"
+    assert cli(["retrieve", "--corpus", str(DATA / "beir" / "scifact"), "--qrels-split", "test", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: tsarank retrieve stopped; no output was written" in err and "Traceback" not in err
+    assert not out.exists() and not Path(f"{out}.lock").exists()
+
+
+def test_api_takes_numpy_integers_and_checks_before_loading(model, tiny_tokenizer, tmp_path):
+    import numpy as np
+
+    import tsarank
+
+    ranker = Ranker(model, tiny_tokenizer)
+    assert ranker.rerank("capital of france", DOCS, top_k=np.int64(1)) == ranker.rerank("capital of france", DOCS)[:1]
+    assert ranker.score("capital of france", DOCS, batch_size=np.int32(1)) == ranker.score("capital of france", DOCS)
+    with pytest.raises(ValueError, match="top_k must be an int >= 1 or None, got 1.0"):
+        ranker.rerank("capital of france", DOCS, top_k=1.0)
+    # The bare string is refused before the (nonexistent) model would be looked for.
+    with pytest.raises(TypeError, match="single string"):
+        tsarank.score("capital of france", "one doc", model=str(tmp_path / "no-such-model"))
+
+
+def test_resume_with_an_input_changed_since_is_refused(candidates, tiny_checkpoint, tmp_path, capsys):
+    import os
+
+    from tsarank.cli import build_parser
+    from tsarank.commands.rerank import run_options
+
+    out = tmp_path / "run.trec"
+    argv = ["rerank", "--candidates", str(candidates), "--model", str(tiny_checkpoint), "--out", str(out)]
+    Path(f"{out}.partial").write_text("")
+    Path(f"{out}.partial.json").write_text(json.dumps(run_options(build_parser().parse_args(argv))))
+    stat = candidates.stat()
+    os.utime(candidates, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited since (same size even)
+    assert cli([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with other options than the interrupted run" in err and f"--candidates '{candidates} (" in err
+    os.utime(candidates, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as it was: the resume goes on
+    assert cli([*argv, "--resume"]) == 0 and len(out.read_text().splitlines()) == 6
+
+
+def test_repeated_negatives_count_once(tmp_path, caplog):
+    rows = [{"query": "q", "positive_passages": [{"text": "the positive"}],
+             "negative_passages": [{"text": "the same negative"}] * 7}]
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="tsarank.sft"):
+        sft.load_group_files([str(path)], group_size=8, loss="softmax")
+    assert "1 of 1 groups have fewer than 7 distinct negatives (fewest: 1, median: 1)" in caplog.text
+
+
+def test_output_lock_follows_the_file_its_holder_replaced(tmp_path):
+    """A waiter that opened OUT.lock just before the holder unlinked it must not think it holds the lock."""
+    import fcntl
+
+    from tsarank.atomic import OutputBusy, OutputLock
+
+    out = tmp_path / "run.trec"
+    stale = open(f"{out}.lock", "a+")  # opened, then the file is unlinked and replaced, as a finishing holder does
+    Path(f"{out}.lock").unlink()
+    with OutputLock(out, "tsarank rerank") as first:  # locks the new file at the path
+        fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the stale inode is free: locking it proves nothing
+        with pytest.raises(OutputBusy):
+            OutputLock(out, "tsarank rerank").__enter__()
+        assert first.fh is not None
+    stale.close()

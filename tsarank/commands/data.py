@@ -47,6 +47,12 @@ def add_weak_pairs_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_weak_pairs(args: argparse.Namespace) -> int:
     """Execute ``tsarank data weak-pairs``; exit code 0 ok, 2 bad input."""
+    from . import run_locked
+
+    return run_locked(_run_weak_pairs, args, args.out, "tsarank data weak-pairs")
+
+
+def _run_weak_pairs(args: argparse.Namespace) -> int:
     from ..data.weak_pairs import build_weak_pairs
     from ..errors import DataError
 
@@ -56,9 +62,12 @@ def run_weak_pairs(args: argparse.Namespace) -> int:
             min_chars=args.min_chars, min_text_tokens=args.min_text_tokens, min_query_chars=args.min_query_chars,
             max_pairs=args.max_pairs, val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite,
         )
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileNotFoundError, PermissionError) as e:  # bad input or place: before the work
         print(f"tsarank data weak-pairs: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a place that became read-only: one line; the old files stay as they were
+        print(f"tsarank data weak-pairs: error: could not write {args.out}: {e}", file=sys.stderr)
+        return 1
     for name, counts in stats["sources"].items():
         drops = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("read", "kept"))
         print(f"{name}: read {counts.get('read', 0)}, kept {counts.get('kept', 0)}" + (f" (dropped: {drops})" if drops else ""))

@@ -44,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--compare", metavar="OTHER_RUN", help="baseline run to compare against (delta = RUN - OTHER_RUN)")
     parser.add_argument("--plot", metavar="IMAGE", help="with --compare: write a bar chart of per-query deltas of the first measure")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --plot image")
     parser.set_defaults(func=run)
     return parser
 
@@ -85,17 +86,20 @@ def _short(path: str, limit: int = 24) -> str:
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank evaluate``; returns the process exit code."""
     from tsarank.data.formats import read_qrels, read_run
+    from tsarank.atomic import check_output_file
     from tsarank.evaluation import compare, evaluate, parse_measures, per_query, plot_deltas
 
     if args.plot and not args.compare:
         print("error: --plot needs --compare OTHER_RUN (it plots per-query deltas between two runs)", file=sys.stderr)
         return 2
     try:
+        if args.plot:  # the image's place, before reading any run
+            check_output_file(args.plot, args.overwrite, flag="--plot")
         measures = parse_measures(args.measures, rel_level=args.rel_level)
         qrels = read_qrels(args.qrels)
         main_run = read_run(args.run)
         other_run = read_run(args.compare) if args.compare else None
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

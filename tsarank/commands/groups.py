@@ -87,6 +87,12 @@ def _resolve_qrels(spec: str, corpus: Path) -> Path:
 
 def run_groups(args: argparse.Namespace) -> int:
     """Execute ``tsarank data groups``; returns the process exit code (0 ok, 2 bad input)."""
+    from tsarank.commands import run_locked
+
+    return run_locked(_run_groups, args, args.out, "tsarank data groups")
+
+
+def _run_groups(args: argparse.Namespace) -> int:
     from tsarank.retrieval import bm25_options, queries_source
 
     out = Path(args.out)
@@ -100,6 +106,7 @@ def run_groups(args: argparse.Namespace) -> int:
         if args.min_grade < 1:
             raise ValueError(f"--min-grade must be >= 1 (grade 0 means judged non-relevant), got {args.min_grade}")
         check_output_file(out, args.overwrite)
+        bm25 = bm25_options(args) if args.run is None else {}  # --stemmer, --k1, --b: checked before any reading
         queries_path = queries_source(corpus_path, args.queries)
         qrels_path = _resolve_qrels(args.qrels, corpus_path)
 
@@ -121,7 +128,7 @@ def run_groups(args: argparse.Namespace) -> int:
         )
         if run is None:
             groups, stats = mine_bm25_groups(
-                corpus, queries, qrels, **bm25_options(args), **common)
+                corpus, queries, qrels, **bm25, **common)
         else:
             groups, stats = groups_from_run(run, corpus, queries, qrels, **common)
     except (DataError, ValueError, OSError) as exc:
@@ -136,7 +143,11 @@ def run_groups(args: argparse.Namespace) -> int:
         print(f"error: no group could be built.\n{stats.summary()}\nFix: check that --qrels, --queries and --corpus "
               f"belong together, and widen --depth-start/--depth-end.", file=sys.stderr)
         return 2
-    write_groups(out, groups, overwrite=args.overwrite)
+    try:
+        write_groups(out, groups, overwrite=args.overwrite)
+    except OSError as exc:
+        print(f"error: could not write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(stats.summary(), file=sys.stderr)
     print(f"wrote {len(groups):,} groups to {out}")
     return 0

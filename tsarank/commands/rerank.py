@@ -42,10 +42,11 @@ examples:
 
 SIDECAR_SUFFIX = ".partial"
 META_SUFFIX = ".partial.json"  # the options of the run that wrote the sidecar: --resume must use the same
-LOCK_SUFFIX = ".lock"
 # Options that change the scores or the batches (and so the bytes of the run): a resume must repeat them.
 RUN_OPTIONS = ("model", "top_k", "tag", "dtype", "device", "attn_implementation", "max_tokens", "batch_size",
                "chunk_docs", "template", "max_doc_tokens", "max_query_tokens", "max_length", "max_queries")
+# Inputs a resume must read unchanged (recorded by path, size and modification time).
+INPUT_OPTIONS = ("candidates", "run", "queries", "corpus")
 # Documents per chunk (one flush to the sidecar): a few CPU batches, or one large GPU batch.
 DEFAULT_CHUNK_DOCS = {"cpu": 256, "cuda": 2048}
 _MISSING_SHOWN = 5
@@ -183,9 +184,29 @@ def read_sidecar(path: Path, expected: dict[str, set[str]], chunks: list[list[st
     return SidecarState(keep, valid_bytes, len(texts) - kept_lines)
 
 
+def _fingerprint(path: str) -> str:
+    """``PATH (N bytes, modified T)``: an input edited or replaced since the interrupted run shows here (for a
+    directory, over the files directly in it)."""
+    import datetime
+
+    p = Path(path)
+    if not p.exists():
+        return path
+    stats = [f.stat() for f in sorted(p.iterdir()) if f.is_file()] if p.is_dir() else [p.stat()]
+    size = sum(st.st_size for st in stats)
+    mtime_ns = max((st.st_mtime_ns for st in stats), default=0)
+    when = datetime.datetime.fromtimestamp(mtime_ns / 1e9, datetime.timezone.utc).isoformat(timespec="microseconds")
+    return f"{path} ({size} bytes, modified {when})"
+
+
 def run_options(args: argparse.Namespace) -> dict[str, object]:
-    """The options a resumed run must share with the interrupted one (see :data:`RUN_OPTIONS`)."""
-    return {name: getattr(args, name, None) for name in RUN_OPTIONS}
+    """The options a resumed run must share with the interrupted one (see :data:`RUN_OPTIONS`), and the inputs it
+    read, each as path, size and modification time."""
+    options: dict[str, object] = {name: getattr(args, name, None) for name in RUN_OPTIONS}
+    for name in INPUT_OPTIONS:
+        if getattr(args, name, None):
+            options[name] = _fingerprint(str(getattr(args, name)))
+    return options
 
 
 def check_resume_options(meta_path: Path, current: dict[str, object]) -> None:
@@ -200,44 +221,15 @@ def check_resume_options(meta_path: Path, current: dict[str, object]) -> None:
         raise ValueError(f"{meta_path} is missing, so the options of the interrupted run are unknown. Fix: delete "
                          f"{meta_path.with_suffix('')} to start over")
     saved = json.loads(meta_path.read_text(encoding="utf-8"))
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} then, {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    # Inputs are compared when the interrupted run recorded them (older sidecars hold options only).
+    keys = RUN_OPTIONS + (INPUT_OPTIONS if any(k in saved for k in INPUT_OPTIONS) else ())
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys
+             if saved.get(k) != current.get(k)]
     if diffs:
         raise ValueError(
             "--resume with other options than the interrupted run would mix two rankings in one file: "
             + "; ".join(diffs) + ". Fix: rerun with the interrupted run's options, or delete "
             f"{meta_path.with_suffix('')} to start over")
-
-
-class OutputLock:
-    """An exclusive lock on ``OUT.lock`` while a run writes ``OUT``: a second ``tsarank rerank`` with the same
-    ``--out`` stops at once instead of interleaving its lines with the first's sidecar or replacing its output."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out.with_name(out.name + LOCK_SUFFIX)
-        self.fh = None
-
-    def __enter__(self) -> "OutputLock":
-        import fcntl
-
-        self.fh = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.seek(0)
-            holder = self.fh.read().strip() or "another process"
-            self.fh.close()
-            raise FileExistsError(f"another tsarank rerank (pid {holder}) is writing {self.path.with_suffix('')}; "
-                                  "wait for it, or choose another --out") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(str(os.getpid()))
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fh is not None:
-            self.path.unlink(missing_ok=True)  # while still holding the lock: no one else owns this file yet
-            self.fh.close()
 
 
 def _report_missing(missing: list[str], strict: bool) -> None:
@@ -293,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank rerank``; returns the process exit code."""
     import contextlib
 
-    from tsarank.atomic import check_output_file
+    from tsarank.atomic import OutputLock, check_output_file
     from tsarank.data.formats import load_candidates
 
     out = Path(args.out)
@@ -304,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         check_output_file(out, overwrite=True)  # the place: an existing, writable directory (the lock lives there)
-        hold.enter_context(OutputLock(out))  # held until this function returns
+        hold.enter_context(OutputLock(out, "tsarank rerank"))  # held until this function returns
         check_output_file(out, args.overwrite,
                           note=" (the interrupted run had already finished)" if sidecar.exists() else "")
         if sidecar.exists() and not args.resume:

@@ -64,6 +64,12 @@ def _resolve_qrels(args: argparse.Namespace, corpus: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank retrieve``; returns the process exit code."""
+    from tsarank.commands import run_locked
+
+    return run_locked(_run, args, args.out, "tsarank retrieve")
+
+
+def _run(args: argparse.Namespace) -> int:
     from tsarank.data.formats import read_corpus, read_qrels, read_queries, write_run
     from tsarank.evaluation import evaluate
     from tsarank.atomic import check_output_file

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import DataError
-from ..atomic import atomic_open
+from ..atomic import atomic_open, check_writable_dir, nearest_existing, new_directory
 from .formats import PathLike, _get_id, _get_str, iter_jsonl, parse_group, read_corpus, read_qrels, read_queries
 
 __all__ = ["Exclusions", "WeakPair", "build_weak_pairs", "normalise", "iter_corpus_pairs", "iter_group_pairs"]
@@ -220,6 +220,10 @@ def build_weak_pairs(
         raise ValueError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty; pass --overwrite to replace its files, or choose a new directory")
+    base = nearest_existing(out)
+    if not base.is_dir():
+        raise ValueError(f"--out {out}: {base} is a file, so the directory cannot be created")
+    check_writable_dir(base, "--out")  # a read-only place fails now, not after reading every source
     for p in [*corpora, *groups, *exclude_qrels]:
         if not Path(p).exists():
             raise FileNotFoundError(f"{p}: no such file or directory")
@@ -233,71 +237,71 @@ def build_weak_pairs(
     rng = random.Random(seed)
     reservoir: list[WeakPair] = []
     n_kept = 0
-    out.mkdir(parents=True, exist_ok=True)
-    split_counts = Counter()
+    with new_directory(out):
+        split_counts = Counter()
 
-    def split_of(pair: WeakPair) -> str:
-        return "validation" if _split_value(normalise(pair.text), seed) < val_fraction else "train"
+        def split_of(pair: WeakPair) -> str:
+            return "validation" if _split_value(normalise(pair.text), seed) < val_fraction else "train"
 
-    with atomic_open(out / "train.jsonl") as train_fh, atomic_open(out / "validation.jsonl") as val_fh:
-        handles = {"train": train_fh, "validation": val_fh}
-        for name, pairs in sources:
-            counts = per_source.setdefault(name, Counter())
-            for pair in pairs:
-                counts["read"] += 1
-                if not pair.query or not pair.text:
-                    counts["no_title" if pair.source.endswith(":title") else "empty"] += 1
-                    continue
-                reason = exclusions.reason(pair)
-                if reason is None:
-                    if len(pair.text) < min_chars or (min_text_tokens and len(pair.text.split()) < min_text_tokens):
-                        reason = "text_too_short"
-                    elif len(pair.query) < min_query_chars:
-                        reason = "query_too_short"
-                    elif normalise(pair.query) == normalise(pair.text):
-                        reason = "query_equals_text"
-                if reason is None:
-                    key = _digest(normalise(pair.query), normalise(pair.text))
-                    if key in seen:
-                        reason = "duplicate"
+        with atomic_open(out / "train.jsonl") as train_fh, atomic_open(out / "validation.jsonl") as val_fh:
+            handles = {"train": train_fh, "validation": val_fh}
+            for name, pairs in sources:
+                counts = per_source.setdefault(name, Counter())
+                for pair in pairs:
+                    counts["read"] += 1
+                    if not pair.query or not pair.text:
+                        counts["no_title" if pair.source.endswith(":title") else "empty"] += 1
+                        continue
+                    reason = exclusions.reason(pair)
+                    if reason is None:
+                        if len(pair.text) < min_chars or (min_text_tokens and len(pair.text.split()) < min_text_tokens):
+                            reason = "text_too_short"
+                        elif len(pair.query) < min_query_chars:
+                            reason = "query_too_short"
+                        elif normalise(pair.query) == normalise(pair.text):
+                            reason = "query_equals_text"
+                    if reason is None:
+                        key = _digest(normalise(pair.query), normalise(pair.text))
+                        if key in seen:
+                            reason = "duplicate"
+                        else:
+                            seen.add(key)
+                    if reason is not None:
+                        counts[reason] += 1
+                        continue
+                    counts["kept"] += 1
+                    n_kept += 1
+                    if max_pairs is None:
+                        s = split_of(pair)
+                        handles[s].write(_record(pair))
+                        split_counts[s] += 1
+                    elif len(reservoir) < max_pairs:
+                        reservoir.append(pair)
                     else:
-                        seen.add(key)
-                if reason is not None:
-                    counts[reason] += 1
-                    continue
-                counts["kept"] += 1
-                n_kept += 1
-                if max_pairs is None:
+                        j = rng.randrange(n_kept)
+                        if j < max_pairs:
+                            reservoir[j] = pair
+            if max_pairs is not None:
+                rng.shuffle(reservoir)  # sources were read in order; mix them
+                for pair in reservoir:
                     s = split_of(pair)
                     handles[s].write(_record(pair))
                     split_counts[s] += 1
-                elif len(reservoir) < max_pairs:
-                    reservoir.append(pair)
-                else:
-                    j = rng.randrange(n_kept)
-                    if j < max_pairs:
-                        reservoir[j] = pair
-        if max_pairs is not None:
-            rng.shuffle(reservoir)  # sources were read in order; mix them
-            for pair in reservoir:
-                s = split_of(pair)
-                handles[s].write(_record(pair))
-                split_counts[s] += 1
 
-    stats = {
-        "sources": {k: dict(v) for k, v in per_source.items()},
-        "kept_before_max_pairs": n_kept,
-        "train": split_counts["train"],
-        "validation": split_counts["validation"],
-        "exclusions": {
-            "doc_ids": len(exclusions.doc_ids), "query_ids": len(exclusions.query_ids),
-            "query_texts": len(exclusions.query_texts), "doc_texts": len(exclusions.doc_texts),
-            "files": exclusions.files,
-        },
-        "options": {"min_chars": min_chars, "min_text_tokens": min_text_tokens, "min_query_chars": min_query_chars,
-                    "max_pairs": max_pairs, "val_fraction": val_fraction, "seed": seed},
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    with atomic_open(out / "stats.json") as fh:
-        fh.write(json.dumps(stats, indent=2) + "\n")
+        stats = {
+            "sources": {k: dict(v) for k, v in per_source.items()},
+            "kept_before_max_pairs": n_kept,
+            "train": split_counts["train"],
+            "validation": split_counts["validation"],
+            "exclusions": {
+                "doc_ids": len(exclusions.doc_ids), "query_ids": len(exclusions.query_ids),
+                "query_texts": len(exclusions.query_texts), "doc_texts": len(exclusions.doc_texts),
+                "files": exclusions.files,
+            },
+            "options": {"min_chars": min_chars, "min_text_tokens": min_text_tokens, "min_query_chars": min_query_chars,
+                        "max_pairs": max_pairs, "val_fraction": val_fraction, "seed": seed},
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        with atomic_open(out / "stats.json") as fh:
+            fh.write(json.dumps(stats, indent=2) + "\n")
     return stats

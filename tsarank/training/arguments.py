@@ -226,7 +226,14 @@ class TsarankTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._check_ranges()
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # e.g. --bf16 without a GPU: a wrong option, not a crash
+            message = str(exc)
+            if "bf16" in message and "use_cpu" in message:
+                message = ("--bf16 asked for, but this machine has no CUDA GPU. Fix: add --use_cpu true to train in "
+                           "bf16 on the CPU (fast only on CPUs with AVX512-BF16 or AMX), or drop --bf16")
+            raise OptionError(message) from None
         import torch
 
         if self.dataloader_pin_memory and not torch.cuda.is_available():
@@ -250,6 +257,9 @@ class TsarankTrainingArguments(TrainingArguments):
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             bad.append(f"--warmup_steps, --weight_decay and --max_grad_norm must be >= 0, got {self.warmup_steps}, "
                        f"{self.weight_decay} and {self.max_grad_norm}")
+        if self.dataloader_num_workers < 0:
+            bad.append(f"--dataloader_num_workers must be >= 0 (0 = load in the main process), got "
+                       f"{self.dataloader_num_workers}")
         if isinstance(self.logging_steps, (int, float)) and self.logging_steps <= 0:
             bad.append(f"--logging_steps must be > 0, got {self.logging_steps}")
         if isinstance(self.save_steps, (int, float)) and self.save_steps <= 0:

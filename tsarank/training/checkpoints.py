@@ -33,6 +33,7 @@ __all__ = [
     "TRAINING_ARGS_JSON",
     "SidecarMixin",
     "check_output_dir",
+    "output_dir_lock",
     "resolve_resume_checkpoint",
     "merge_lora_checkpoint",
     "finalize_checkpoint",
@@ -68,19 +69,54 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     p = Path(output_dir)
     if p.exists() and not p.is_dir():
         raise FileExistsError(f"--output_dir {output_dir} is a file, not a directory. Fix: choose a directory path")
-    existing = p
-    while not existing.exists() and existing != existing.parent:  # the directory that the run will create in
-        existing = existing.parent
+    from ..atomic import check_writable_dir, nearest_existing
+
+    existing = nearest_existing(p)  # the directory that the run will create in
     if not existing.is_dir():
         raise FileExistsError(f"--output_dir {output_dir}: {existing} is a file, so the directory cannot be created")
-    from ..atomic import check_writable_dir
-
     check_writable_dir(existing, "--output_dir")
     if p.exists() and any(p.iterdir()) and not (overwrite or resuming):
         raise FileExistsError(
             f"output_dir {output_dir} exists and is not empty. Fix: choose a new --output_dir, pass "
             f"--resume_from_checkpoint to continue it, or --overwrite_output_dir true to write into it anyway."
         )
+
+
+def output_dir_lock(output_dir: str) -> Any:
+    """The :class:`tsarank.atomic.OutputLock` of ``output_dir`` (``OUTPUT_DIR.lock`` beside it), taken by the global
+    rank 0 only: a second training run into the same directory stops before loading anything."""
+    import contextlib
+
+    from ..atomic import OutputLock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return OutputLock(output_dir, "training run", flag="--output_dir")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) during training; the message says what was kept and how to continue."""
+
+
+def train_or_explain_interrupt(trainer: Any, resume: str | None) -> None:
+    """``trainer.train(resume_from_checkpoint=resume)``; a Ctrl-C becomes :class:`TrainingInterrupted` naming the
+    newest checkpoint of the output directory and the flag that continues from it (no KeyboardInterrupt traceback).
+    """
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        output_dir = str(trainer.args.output_dir)
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is not None:
+            raise TrainingInterrupted(
+                f"interrupted at step {trainer.state.global_step}: the newest checkpoint is {last}; run the same "
+                "command with --resume_from_checkpoint true to continue from it") from None
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.state.global_step}, before the first checkpoint (see --save_steps): nothing "
+            f"to resume from in {output_dir}; run the command again (with --overwrite_output_dir true if that "
+            "directory is not empty)") from None
 
 
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:

@@ -100,7 +100,8 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     from .arguments import OptionError
     from .callbacks import attach_callbacks, standard_callbacks
     from .cards import write_run_cards
-    from .checkpoints import check_output_dir, finalize_checkpoint, resolve_resume_checkpoint, sidecar_for
+    from .checkpoints import (check_output_dir, finalize_checkpoint, output_dir_lock, resolve_resume_checkpoint,
+                              sidecar_for, train_or_explain_interrupt)
     from .cpt_trainer import CausalLMTrainer
     from .model_setup import load_tokenizer, prepare_model
 
@@ -108,69 +109,71 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming=resume is not None)
-    barrier()  # every process has checked the directory before any of them writes into it
-    set_seed(training_args.seed)
+    with output_dir_lock(training_args.output_dir):  # a second run into this directory stops at once
+        barrier()  # every process has checked the directory before any of them writes into it
+        set_seed(training_args.seed)
 
-    template = data_args.prompt_template()
-    callbacks = standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early
-    # Data before the model (and before the default model's first-use conversion): a bad line fails in seconds,
-    # with its file:line, not after loading 8B weights.
-    for path in filter(None, (data_args.train_file, data_args.validation_file)):
-        validate_weak_pairs(path)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    if cpt_args.target_eos and tokenizer.eos_token_id is None:
-        raise OptionError(f"target_eos: the tokenizer of {model_args.model_name_or_path} has no EOS token. Fix: "
-                          "target_eos: false (the loss then covers the query tokens only).")
-    with training_args.main_process_first(desc="weak-pairs dataset"):
-        train_ds = build_cpt_dataset(data_args.train_file, tokenizer, template,
-                                     max_samples=data_args.max_train_samples, num_proc=cpt_args.dataset_num_proc,
-                                     target_eos=cpt_args.target_eos)
-        eval_ds = (build_cpt_dataset(data_args.validation_file, tokenizer, template,
-                                     num_proc=cpt_args.dataset_num_proc, target_eos=cpt_args.target_eos)
-                   if data_args.validation_file else None)
-    model = prepare_model(model_args, tokenizer, training_args)
-    if cpt_args.packing:
-        try:
-            check_packing(model)
-        except ValueError as exc:
-            raise OptionError(str(exc)) from None
-    collator = CPTCollator(pad_token_id=tokenizer.pad_token_id, mask_source=cpt_args.mask_source)
-    trainer = CausalLMTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tokenizer, packing=cpt_args.packing, packing_max_length=cpt_args.packing_max_length,
-    )
-    extra = {
-        "data": {"train_file": data_args.train_file, "validation_file": data_args.validation_file,
-                 "train_pairs": len(train_ds), "validation_pairs": len(eval_ds) if eval_ds is not None else 0},
-        "cpt": {"mask_source": cpt_args.mask_source, "target_eos": cpt_args.target_eos, "packing": cpt_args.packing},
-    }
-    trainer.tsarank_sidecar = sidecar_for(template, STAGE, model_args, extra)  # also in every checkpoint-N
-    attach_callbacks(trainer, [*callbacks, *extra_callbacks])
-    trainer.train(resume_from_checkpoint=resume)
-    evaluated_now = any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history)
-    if eval_ds is not None and not evaluated_now:
-        trainer.evaluate()  # the final query perplexity, unless the schedule just computed it
-    extra["global_step"] = trainer.state.global_step
-    load_dir = finalize_checkpoint(trainer, training_args.output_dir, template, STAGE, model_args, extra)
-    if cpt_args.save_reference_logits:
-        save_probe_logits(trainer, train_ds, collator, cpt_args.save_reference_logits)
-    if trainer.is_world_process_zero():
-        objective = {"objective": "query-generation NLL (next-token loss on the query tokens given the text)"
-                     if cpt_args.mask_source else "next-token loss on the whole sequence",
-                     "mask_source": cpt_args.mask_source, "target_eos": cpt_args.target_eos,
-                     "packing": cpt_args.packing}
-        write_run_cards([training_args.output_dir, load_dir], stage=STAGE, model_args=model_args, data_args=data_args,
-                        training_args=training_args, data_files=[data_args.train_file], objective=objective,
-                        callbacks=callbacks, template=template)
-        print(f"stage 1 checkpoint: {load_dir}")
-    return Path(load_dir)
+        template = data_args.prompt_template()
+        callbacks = standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early
+        # Data before the model (and before the default model's first-use conversion): a bad line fails in seconds,
+        # with its file:line, not after loading 8B weights.
+        for path in filter(None, (data_args.train_file, data_args.validation_file)):
+            validate_weak_pairs(path)
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        if cpt_args.target_eos and tokenizer.eos_token_id is None:
+            raise OptionError(f"target_eos: the tokenizer of {model_args.model_name_or_path} has no EOS token. Fix: "
+                              "target_eos: false (the loss then covers the query tokens only).")
+        with training_args.main_process_first(desc="weak-pairs dataset"):
+            train_ds = build_cpt_dataset(data_args.train_file, tokenizer, template,
+                                         max_samples=data_args.max_train_samples, num_proc=cpt_args.dataset_num_proc,
+                                         target_eos=cpt_args.target_eos)
+            eval_ds = (build_cpt_dataset(data_args.validation_file, tokenizer, template,
+                                         num_proc=cpt_args.dataset_num_proc, target_eos=cpt_args.target_eos)
+                       if data_args.validation_file else None)
+        model = prepare_model(model_args, tokenizer, training_args)
+        if cpt_args.packing:
+            try:
+                check_packing(model)
+            except ValueError as exc:
+                raise OptionError(str(exc)) from None
+        collator = CPTCollator(pad_token_id=tokenizer.pad_token_id, mask_source=cpt_args.mask_source)
+        trainer = CausalLMTrainer(
+            model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+            processing_class=tokenizer, packing=cpt_args.packing, packing_max_length=cpt_args.packing_max_length,
+        )
+        extra = {
+            "data": {"train_file": data_args.train_file, "validation_file": data_args.validation_file,
+                     "train_pairs": len(train_ds), "validation_pairs": len(eval_ds) if eval_ds is not None else 0},
+            "cpt": {"mask_source": cpt_args.mask_source, "target_eos": cpt_args.target_eos, "packing": cpt_args.packing},
+        }
+        trainer.tsarank_sidecar = sidecar_for(template, STAGE, model_args, extra)  # also in every checkpoint-N
+        attach_callbacks(trainer, [*callbacks, *extra_callbacks])
+        train_or_explain_interrupt(trainer, resume)
+        evaluated_now = any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history)
+        if eval_ds is not None and not evaluated_now:
+            trainer.evaluate()  # the final query perplexity, unless the schedule just computed it
+        extra["global_step"] = trainer.state.global_step
+        load_dir = finalize_checkpoint(trainer, training_args.output_dir, template, STAGE, model_args, extra)
+        if cpt_args.save_reference_logits:
+            save_probe_logits(trainer, train_ds, collator, cpt_args.save_reference_logits)
+        if trainer.is_world_process_zero():
+            objective = {"objective": "query-generation NLL (next-token loss on the query tokens given the text)"
+                         if cpt_args.mask_source else "next-token loss on the whole sequence",
+                         "mask_source": cpt_args.mask_source, "target_eos": cpt_args.target_eos,
+                         "packing": cpt_args.packing}
+            write_run_cards([training_args.output_dir, load_dir], stage=STAGE, model_args=model_args, data_args=data_args,
+                            training_args=training_args, data_files=[data_args.train_file], objective=objective,
+                            callbacks=callbacks, template=template)
+            print(f"stage 1 checkpoint: {load_dir}")
+        return Path(load_dir)
 
 
 def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
     """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
-    the NaN guard's message exits with status 1."""
+    the NaN guard's message exits with status 1; Ctrl-C exits with status 130 and says how to resume."""
     from ..errors import DataError
     from .arguments import OptionError
+    from .checkpoints import TrainingInterrupted
 
     try:
         train(argv, extra_callbacks)
@@ -178,6 +181,12 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
     except (DataError, OptionError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started; no checkpoint was written", file=sys.stderr)
+        return 130
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -89,7 +89,7 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
     for flag, value in (("model_name_or_path", model_args.model_name_or_path),
                         ("ref_model_name_or_path", sft_args.ref_model_name_or_path),
                         ("init_from", sft_args.init_from)):
-        if flag != "init_from":  # init_from's layout is checked above, with its own advice
+        if flag != "init_from" or (value and Path(value).exists()):  # a missing init_from: its own advice above
             check_model_source(value, flag)
         elif value and not Path(value).exists() and not looks_like_hub_id(value):
             raise OptionError(f"--{flag} {value}: no such directory (and not a Hub id ORG/NAME)")
@@ -157,7 +157,9 @@ def _warn_short_groups(records: Sequence[dict[str, Any]], group_size: int) -> No
     """Say, with counts, how many groups have fewer distinct negatives than ``train_group_size - 1``: their groups
     repeat negatives (sampled with replacement), which teaches less than the group size suggests."""
     need = group_size - 1
-    short = [len(r["negative_passages"]) for r in records if 0 < len(r["negative_passages"]) < need]
+    # Distinct by content: a negative listed twice teaches once.
+    distinct = (len({(n["title"], n["text"]) for n in r["negative_passages"]}) for r in records)
+    short = [n for n in distinct if 0 < n < need]
     if short:
         logger.warning(
             "%d of %d groups have fewer than %d distinct negatives (fewest: %d, median: %d); their groups of %d repeat "
@@ -263,82 +265,84 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     from ..reference import build_reference
     from .callbacks import attach_callbacks, standard_callbacks
     from .cards import write_run_cards
-    from .checkpoints import check_output_dir, finalize_checkpoint, resolve_resume_checkpoint, sidecar_for
+    from .checkpoints import (check_output_dir, finalize_checkpoint, output_dir_lock, resolve_resume_checkpoint,
+                              sidecar_for, train_or_explain_interrupt)
     from .model_setup import load_tokenizer, prepare_model, resolve_model_path, training_dtype
     from .sft_trainer import RankingTrainer
 
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, bool(resume))
-    barrier()  # every process has checked the directory before any of them writes into it
-    set_seed(training_args.seed)  # LoRA and last-token head initialisation
-    callbacks = standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early too
-    logger.info("%d groups from %s", len(records), ", ".join(f"{f} ({n})" for f, n in counts.items()))
+    with output_dir_lock(training_args.output_dir):  # a second run into this directory stops at once
+        barrier()  # every process has checked the directory before any of them writes into it
+        set_seed(training_args.seed)  # LoRA and last-token head initialisation
+        callbacks = standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early too
+        logger.info("%d groups from %s", len(records), ", ".join(f"{f} ({n})" for f, n in counts.items()))
 
-    # 2. Policy (from init_from when given) and tokenizer.
-    base_path = resolve_model_path(model_args.model_name_or_path)
-    init_path = resolve_model_path(sft_args.init_from) if sft_args.init_from else None
-    policy_args = dataclasses.replace(model_args, model_name_or_path=init_path or base_path)
-    _check_init_template(init_path, template)
-    tokenizer = load_tokenizer(policy_args.model_name_or_path)
-    model = prepare_model(policy_args, tokenizer, training_args)
-    score_head = _score_head(model, init_path) if template.scoring_head == LAST_TOKEN else None
+        # 2. Policy (from init_from when given) and tokenizer.
+        base_path = resolve_model_path(model_args.model_name_or_path)
+        init_path = resolve_model_path(sft_args.init_from) if sft_args.init_from else None
+        policy_args = dataclasses.replace(model_args, model_name_or_path=init_path or base_path)
+        _check_init_template(init_path, template)
+        tokenizer = load_tokenizer(policy_args.model_name_or_path)
+        model = prepare_model(policy_args, tokenizer, training_args)
+        score_head = _score_head(model, init_path) if template.scoring_head == LAST_TOKEN else None
 
-    # 3. The frozen reference: M_cpt (or ref_model_name_or_path), never the init_from weights.
-    ref_path = resolve_model_path(sft_args.ref_model_name_or_path) if sft_args.ref_model_name_or_path else base_path
-    kind = "auto"
-    if not _same_path(policy_args.model_name_or_path, ref_path):
-        # "Adapter off" (LoRA) and a shared frozen prefix would both be the policy's starting weights, which are
-        # not the reference here: load the reference as its own (frozen, ZeRO-3-sharded when enabled) model.
-        kind = "separate"
-    reference = build_reference(
-        model, kind=kind, ref_path=ref_path, train_top_layers=model_args.train_top_layers,
-        training_args=training_args, lambda_dp=sft_args.lambda_dp,
-        dtype=training_dtype(model_args, training_args), attn_implementation=model_args.attn_implementation,
-    )
-    if reference is not None:
-        logger.info("reference for L_dp: %s%s (%s); it costs %.0f%% of a policy forward per step", reference.kind,
-                    ", ZeRO-3 sharded" if getattr(reference, "is_deepspeed", False) else "",
-                    "the policy with its adapters off" if reference.kind == "adapter_off" else ref_path,
-                    100 * reference.cost_fraction())
+        # 3. The frozen reference: M_cpt (or ref_model_name_or_path), never the init_from weights.
+        ref_path = resolve_model_path(sft_args.ref_model_name_or_path) if sft_args.ref_model_name_or_path else base_path
+        kind = "auto"
+        if not _same_path(policy_args.model_name_or_path, ref_path):
+            # "Adapter off" (LoRA) and a shared frozen prefix would both be the policy's starting weights, which are
+            # not the reference here: load the reference as its own (frozen, ZeRO-3-sharded when enabled) model.
+            kind = "separate"
+        reference = build_reference(
+            model, kind=kind, ref_path=ref_path, train_top_layers=model_args.train_top_layers,
+            training_args=training_args, lambda_dp=sft_args.lambda_dp,
+            dtype=training_dtype(model_args, training_args), attn_implementation=model_args.attn_implementation,
+        )
+        if reference is not None:
+            logger.info("reference for L_dp: %s%s (%s); it costs %.0f%% of a policy forward per step", reference.kind,
+                        ", ZeRO-3 sharded" if getattr(reference, "is_deepspeed", False) else "",
+                        "the policy with its adapters off" if reference.kind == "adapter_off" else ref_path,
+                        100 * reference.cost_fraction())
 
-    # 4. Data, trainer, callbacks.
-    train_dataset = GroupDataset(records, sft_args.train_group_size, seed=training_args.seed, source=",".join(files))
-    eval_dataset = (GroupDataset(eval_records, sft_args.train_group_size, seed=training_args.seed,
-                                 source=data_args.validation_file) if eval_records else None)
-    collator = GroupCollator(tokenizer, template, sft_args.train_group_size)
-    trainer = RankingTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=collator, processing_class=tokenizer, callbacks=[EpochCallback(train_dataset)],
-        loss_config=loss_config, reference=reference, score_head=score_head,
-    )
-    extra = {
-        "loss": _loss_settings(loss_config, sft_args, model_args, reference),
-        "data": {"train_files": files, "groups": len(records), "train_group_size": sft_args.train_group_size},
-    }
-    trainer.tsarank_sidecar = sidecar_for(template, STAGE, model_args, extra)  # also in every checkpoint-N
-    attach_callbacks(trainer, [*callbacks, *extra_callbacks])
+        # 4. Data, trainer, callbacks.
+        train_dataset = GroupDataset(records, sft_args.train_group_size, seed=training_args.seed, source=",".join(files))
+        eval_dataset = (GroupDataset(eval_records, sft_args.train_group_size, seed=training_args.seed,
+                                     source=data_args.validation_file) if eval_records else None)
+        collator = GroupCollator(tokenizer, template, sft_args.train_group_size)
+        trainer = RankingTrainer(
+            model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            data_collator=collator, processing_class=tokenizer, callbacks=[EpochCallback(train_dataset)],
+            loss_config=loss_config, reference=reference, score_head=score_head,
+        )
+        extra = {
+            "loss": _loss_settings(loss_config, sft_args, model_args, reference),
+            "data": {"train_files": files, "groups": len(records), "train_group_size": sft_args.train_group_size},
+        }
+        trainer.tsarank_sidecar = sidecar_for(template, STAGE, model_args, extra)  # also in every checkpoint-N
+        attach_callbacks(trainer, [*callbacks, *extra_callbacks])
 
-    # 5. Train; save the checkpoint with its sidecar, head and card; push.
-    trainer.train(resume_from_checkpoint=resume)
-    output_dir = str(training_args.output_dir)
-    extra["global_step"] = trainer.state.global_step
-    load_dir = str(finalize_checkpoint(trainer, output_dir, template, STAGE, model_args, extra))
+        # 5. Train; save the checkpoint with its sidecar, head and card; push.
+        train_or_explain_interrupt(trainer, resume)
+        output_dir = str(training_args.output_dir)
+        extra["global_step"] = trainer.state.global_step
+        load_dir = str(finalize_checkpoint(trainer, output_dir, template, STAGE, model_args, extra))
 
-    def write_cards(*_: Any, **__: Any) -> None:
-        write_run_cards([output_dir, load_dir], stage=STAGE, model_args=model_args, data_args=data_args,
-                        training_args=training_args, data_files=files, objective=extra["loss"], callbacks=callbacks,
-                        template=template)
+        def write_cards(*_: Any, **__: Any) -> None:
+            write_run_cards([output_dir, load_dir], stage=STAGE, model_args=model_args, data_args=data_args,
+                            training_args=training_args, data_files=files, objective=extra["loss"], callbacks=callbacks,
+                            template=template)
 
-    if trainer.is_world_process_zero():
-        _copy_head(output_dir, load_dir)
-        write_cards()
-    # Trainer.push_to_hub regenerates README.md with its generic card right before uploading; keep tsarank's.
-    trainer.create_model_card = write_cards
-    trainer.accelerator.wait_for_everyone()
-    if training_args.push_to_hub:
-        # The card and the sidecar are in output_dir, so the Trainer's upload carries them.
-        trainer.push_to_hub(commit_message="tsarank stage-2 (SFT) checkpoint")
-    return SFTResult(trainer=trainer, output_dir=output_dir, load_dir=load_dir, template=template, reference=reference)
+        if trainer.is_world_process_zero():
+            _copy_head(output_dir, load_dir)
+            write_cards()
+        # Trainer.push_to_hub regenerates README.md with its generic card right before uploading; keep tsarank's.
+        trainer.create_model_card = write_cards
+        trainer.accelerator.wait_for_everyone()
+        if training_args.push_to_hub:
+            # The card and the sidecar are in output_dir, so the Trainer's upload carries them.
+            trainer.push_to_hub(commit_message="tsarank stage-2 (SFT) checkpoint")
+        return SFTResult(trainer=trainer, output_dir=output_dir, load_dir=load_dir, template=template, reference=reference)
 
 
 def _copy_head(output_dir: str, load_dir: str) -> None:
@@ -354,12 +358,20 @@ def _copy_head(output_dir: str, load_dir: str) -> None:
 
 def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
     """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
-    the NaN guard's message exits with status 1."""
+    the NaN guard's message exits with status 1; Ctrl-C exits with status 130 and says how to resume."""
+    from .checkpoints import TrainingInterrupted
+
     try:
         result = train(argv, extra_callbacks)
     except (OptionError, DataError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started; no checkpoint was written", file=sys.stderr)
+        return 130
     except FloatingPointError as exc:  # the NaN guard: the message names the step and the last good checkpoint
         print(f"error: {exc}", file=sys.stderr)
         return 1
