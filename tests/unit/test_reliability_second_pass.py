@@ -454,3 +454,17 @@ def test_output_lock_follows_the_file_its_holder_replaced(tmp_path):
             OutputLock(out, "tsarank rerank").__enter__()
         assert first.fh is not None
     stale.close()
+
+
+def test_init_from_an_encoder_and_a_hub_looking_typo(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    rc = sft.main(_sft_argv(tiny_checkpoint, _groups(tmp_path / "g.jsonl"), tmp_path / "o", init_from=encoder))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--init_from {encoder}" in err and "BertModel checkpoint; both stages" in err, err
+    # `runs/sft` (run from another directory) looks like a Hub id ORG/NAME; offline, the message says both.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=f"nor is there a local directory {tmp_path / 'runs' / 'sft'}"):
+        Ranker.from_pretrained("runs/sft")
