@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["DataError", "describe"]
+__all__ = ["DataError", "ModelLoadError", "describe"]
 
 
 def describe(value: Any, limit: int = 60) -> str:
@@ -79,3 +79,7 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keep picklable (multiprocessing data loaders)
         return (type(self), (self.path, self.line, self.field, self.message, self.fix))
+
+
+class ModelLoadError(OSError):
+    """A checkpoint whose files cannot be read (truncated or corrupt weights, a half-finished download)."""

@@ -103,7 +103,15 @@ def _weight_names(name_or_path: str) -> list[str]:
         return []
     with open(local, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else {}
+        raw = fh.read(size) if 0 < size < 100_000_000 else b"{}"
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"{name_or_path}: its weight files cannot be read ({local.name} has a header of "
+                             f"{size} bytes but holds {len(raw)}). Fix: the checkpoint is truncated or corrupt; save, "
+                             "copy or download it again") from None
     return [k for k in header if k != "__metadata__"]
 
 

@@ -71,7 +71,19 @@ def load_causal_lm(
 
     torch_dtype = resolve_dtype(dtype, device)
     attn = from_pretrained_attn(attn_implementation, device, compute_dtype or torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn,
+                                                     **kwargs)
+    except Exception as exc:
+        # safetensors' and torch's own errors for a truncated or corrupt weight file are tracebacks without a path.
+        if type(exc).__name__ == "SafetensorError" or "Unable to load weights" in str(exc) or \
+                isinstance(exc, EOFError) or "PytorchStreamReader" in str(exc):
+            from .errors import ModelLoadError
+
+            raise ModelLoadError(f"{name_or_path}: its weight files cannot be read ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Fix: the checkpoint is truncated "
+                                 "or corrupt; save, copy or download it again") from exc
+        raise
     if device is not None:
         model.to(resolve_device(device))
     return model

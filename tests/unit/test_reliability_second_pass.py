@@ -468,3 +468,20 @@ def test_init_from_an_encoder_and_a_hub_looking_typo(tmp_path, tiny_checkpoint, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=f"nor is there a local directory {tmp_path / 'runs' / 'sft'}"):
         Ranker.from_pretrained("runs/sft")
+
+
+def test_truncated_weights_are_one_line_naming_the_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    import shutil
+
+    from tsarank.errors import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(ModelLoadError, match=f"{broken}: its weight files cannot be read .* truncated or corrupt"):
+        Ranker.from_pretrained(str(broken))
+    rc = sft.main(_sft_argv(broken, _groups(tmp_path / "g.jsonl"), tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "its weight files cannot be read" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

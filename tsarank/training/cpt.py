@@ -173,12 +173,13 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ())
     the NaN guard's message exits with status 1; Ctrl-C exits with status 130 and says how to resume."""
     from ..errors import DataError
     from .arguments import OptionError
+    from ..errors import ModelLoadError
     from .checkpoints import TrainingInterrupted
 
     try:
         train(argv, extra_callbacks)
         return 0
-    except (DataError, OptionError, FileExistsError, FileNotFoundError, PermissionError) as exc:
+    except (DataError, OptionError, FileExistsError, FileNotFoundError, PermissionError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

@@ -359,11 +359,12 @@ def _copy_head(output_dir: str, load_dir: str) -> None:
 def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
     """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
     the NaN guard's message exits with status 1; Ctrl-C exits with status 130 and says how to resume."""
+    from ..errors import ModelLoadError
     from .checkpoints import TrainingInterrupted
 
     try:
         result = train(argv, extra_callbacks)
-    except (OptionError, DataError, FileExistsError, FileNotFoundError, PermissionError) as exc:
+    except (OptionError, DataError, FileExistsError, FileNotFoundError, PermissionError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
