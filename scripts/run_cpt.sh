@@ -2,18 +2,21 @@
 # Launch stage 1 (CPT) with DeepSpeed, driven by environment variables; extra arguments are passed on to
 # cpt/train.py (they override the config). The exact command is printed before it runs.
 #
-#   NUM_GPUS   processes (default: the number of visible NVIDIA GPUs, else 1)
 #   CONFIG     YAML config (default cpt/configs/qwen2.5_zero3.yaml)
 #   MODEL      --model_name_or_path                                    (default: from CONFIG)
 #   DATA       weak-pairs directory (train.jsonl [+ validation.jsonl], as `tsarank data weak-pairs` writes)
 #              or a single training JSONL file                          (default: from CONFIG)
 #   OUT        --output_dir                                            (default: from CONFIG)
-#   DS_CONFIG  DeepSpeed config (default ds_configs/zero3.json; "none" = plain data parallel without it)
-#   PORT       master port (default 29500)
+#
+#   DS_CONFIG  DeepSpeed config (default ds_configs/zero3.json; "none" = torchrun without DeepSpeed)
+#   NUM_GPUS   processes per node (default: the GPUs of CUDA_VISIBLE_DEVICES, else all nvidia-smi lists, else 1)
+#   HOSTFILE, NNODES, MASTER_ADDR, PORT, NODE_RANK, LAUNCHER_ARGS: several nodes and launcher options
+#              (see scripts/_launch_common.sh; PORT defaults to 29500)
 #
 # Examples:
 #   NUM_GPUS=8 MODEL=Qwen/Qwen2.5-7B DATA=runs/weak-pairs OUT=runs/cpt-qwen2.5-7b bash scripts/run_cpt.sh
-#   NUM_GPUS=2 CONFIG=cpt/configs/smollm2_quick.yaml OUT=runs/cpt-quick bash scripts/run_cpt.sh --max_steps 10
+#   CUDA_VISIBLE_DEVICES=2,3 CONFIG=cpt/configs/smollm2_quick.yaml OUT=runs/cpt-quick bash scripts/run_cpt.sh --max_steps 10
+#   HOSTFILE=hosts.txt NUM_GPUS=8 MODEL=Qwen/Qwen2.5-7B DATA=runs/weak-pairs OUT=runs/cpt-qwen2.5-7b bash scripts/run_cpt.sh   # 2 nodes x 8 GPUs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

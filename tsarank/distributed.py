@@ -45,6 +45,35 @@ def any_process(flag: torch.Tensor) -> bool:
     return bool(flag.item() != 0)
 
 
+def _off(value: object) -> bool:
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "false"))
+
+
+def deepspeed_requested(argv: list[str]) -> bool:
+    """Whether the run uses DeepSpeed: the last ``--deepspeed VALUE`` on the command line wins over the ``--config``
+    YAML's ``deepspeed:``; ``none`` (or ``false``, empty) turns it off, as ``TsarankTrainingArguments`` does."""
+    flag = None
+    for i, a in enumerate(argv):
+        if a == "--deepspeed":
+            flag = argv[i + 1] if i + 1 < len(argv) else ""
+        elif a.startswith("--deepspeed="):
+            flag = a.split("=", 1)[1]
+    if flag is not None:
+        return not _off(flag)
+    config = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+    if config and os.path.isfile(config):
+        import yaml
+
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        return isinstance(data, dict) and not _off(data.get("deepspeed"))
+    return False
+
+
 def setup_cpu_deepspeed(argv: list[str]) -> list[str]:
     """Make ``deepspeed --num_gpus N script.py --deepspeed cfg.json`` work on a machine without GPUs.
 
@@ -62,15 +91,7 @@ def setup_cpu_deepspeed(argv: list[str]) -> list[str]:
     """
     if torch.cuda.is_available() or os.environ.get("LOCAL_RANK") is None:
         return argv
-    wants_ds = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
-    if not wants_ds and "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 < len(argv) and os.path.isfile(argv[i + 1]):
-            import yaml
-
-            data = yaml.safe_load(Path(argv[i + 1]).read_text(encoding="utf-8")) or {}
-            wants_ds = isinstance(data, dict) and bool(data.get("deepspeed"))
-    if not wants_ds:
+    if not deepspeed_requested(argv):
         return argv
     if any(a.startswith("--accelerator_config") for a in argv):
         raise ValueError("--accelerator_config cannot be combined with DeepSpeed on a CPU-only machine")

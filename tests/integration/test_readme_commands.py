@@ -27,7 +27,10 @@ LIMITS = {
     "tsarank data groups": ["--max-queries", "6"],
     "tsarank train": ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1"],
 }
-SKIP = ("bash scripts/install.sh", "deepspeed ", "NUM_GPUS=")  # set-up block; several GPUs
+# The set-up block, and launch lines for several GPUs or nodes (their commands are checked against stub launchers
+# in tests/unit/test_launchers.py).
+SKIP = ("bash scripts/install.sh", "deepspeed ", "NUM_GPUS=", "MODEL=", "CUDA_VISIBLE_DEVICES=", "HOSTFILE=",
+        "DS_CONFIG=")
 
 
 def readme_commands() -> list[str]:

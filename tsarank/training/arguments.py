@@ -225,7 +225,17 @@ class TsarankTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.deepspeed, str) and self.deepspeed.strip().lower() in ("", "none", "false"):
+            # `--deepspeed none` turns off a config's `deepspeed:` (scripts/run_*.sh with DS_CONFIG=none)
+            self.deepspeed = None
         self._check_ranges()
+        import torch
+
+        if not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
+            # On a machine without CUDA, say so to accelerate: otherwise processes started by torchrun each train
+            # alone (world size 1, the same data on every rank) instead of as one data-parallel job. (The CPU
+            # DeepSpeed path configures its own state: tsarank.distributed.setup_cpu_deepspeed.)
+            self.use_cpu = True
         try:
             super().__post_init__()
         except ValueError as exc:  # e.g. --bf16 without a GPU: a wrong option, not a crash
@@ -234,8 +244,6 @@ class TsarankTrainingArguments(TrainingArguments):
                 message = ("--bf16 asked for, but this machine has no CUDA GPU. Fix: add --use_cpu true to train in "
                            "bf16 on the CPU (fast only on CPUs with AVX512-BF16 or AMX), or drop --bf16")
             raise OptionError(message) from None
-        import torch
-
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             # Pinned memory only speeds up host-to-GPU copies; without a GPU torch warns once per DataLoader.
             self.dataloader_pin_memory = False
@@ -353,12 +361,22 @@ def parse_stage_args(
     parser.add_argument("--config", default=None, help="YAML file of option: value (flags override it)")
     valid = _dataclass_fields(types)
     config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
+    # `--config FILE` and `--config=FILE` alike (the second used to be dropped silently, training on defaults).
+    given = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if len(given) > 1:
+        raise OptionError("--config is given more than once; pass one YAML file (flags override its values)")
+    if given:
+        i = given[0]
+        if argv[i].startswith("--config="):
+            config_path = argv[i].split("=", 1)[1]
+            del argv[i]
+        else:
+            if i + 1 >= len(argv):
+                raise OptionError("--config needs a YAML file path")
+            config_path = argv[i + 1]
+            del argv[i : i + 2]
+        if not config_path:
             raise OptionError("--config needs a YAML file path")
-        config_path = argv[i + 1]
-        del argv[i : i + 2]
     values = load_yaml(config_path, valid) if config_path else {}
     # YAML values become parser defaults, so any flag given on the command line still wins.
     for action in parser._actions:
