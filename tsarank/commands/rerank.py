@@ -6,6 +6,12 @@ its queries' run lines are appended to a sidecar ``OUT.partial`` (flush + fsync)
 sidecar's complete chunks and scores the rest. Chunk boundaries depend only on the ordered inputs, so a resumed
 run scores every chunk with exactly the batches of an uninterrupted run and the final file is byte-identical.
 The final run is written atomically and the sidecar removed.
+
+On several processes (``torchrun``, the ``deepspeed`` launcher, several nodes, or ``--devices`` here), every process
+plans the same chunks and scores the share :func:`tsarank.sharding.assign_chunks` gives it, appending to its own
+sidecar (``OUT.partial`` for rank 0, ``OUT.partial.N`` for rank N); rank 0 merges them into ``OUT``. A chunk is
+scored with the same batches on any process, so the run is byte-identical to one process's, and ``--resume`` reads
+every sidecar, whatever the number of processes that wrote them.
 """
 
 from __future__ import annotations
@@ -66,7 +72,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, metavar="OUT.trec", help="output TREC run (written atomically)")
     p.add_argument("--batch-size", type=int, default=None, help="cap on sequences per batch (the token budget applies as well)")
     p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (default: 1024 on CPU, 65536 on CUDA)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun "
+                   "or deepspeed: the GPU of each process's LOCAL_RANK)")
+    p.add_argument("--devices", default=None, metavar="D1,D2,...",
+                   help="score on several devices of this machine, one process each (e.g. cuda:0,cuda:1,cuda:2,cuda:3); "
+                   "the run is byte-identical to one process's. For several nodes start tsarank rerank with torchrun")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: bf16 on a supporting GPU, else fp32)")
     p.add_argument("--attn-implementation", default="auto", help="auto (FlashAttention-2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2")
     tpl = p.add_argument_group("prompt (default: the checkpoint's own; see docs/faithfulness.md)")
@@ -128,14 +138,14 @@ def read_sidecar(path: Path, expected: dict[str, set[str]], chunks: list[list[st
     """Parse a sidecar, keep the complete chunks at its start, and check they belong to these inputs.
 
     Args:
-        path: The ``OUT.partial`` file.
+        path: The ``OUT.partial`` file (or ``OUT.partial.N``, process N's).
         expected: ``{qid: docids}`` of every query of this invocation.
         chunks: The qids of each chunk, in order.
         tag: The run tag of this invocation.
 
     Returns:
-        The lines of every query of the complete leading chunks. A torn last line, or a chunk only partly
-        written when the process died, is dropped (it will be scored again).
+        The lines of every query of the complete leading chunks (in any chunk order). A torn last line, or a chunk
+        only partly written when the process died, is dropped (it will be scored again).
 
     Raises:
         ValueError: The sidecar was written for other inputs or options (stale).
@@ -168,14 +178,19 @@ def read_sidecar(path: Path, expected: dict[str, set[str]], chunks: list[list[st
         if qid not in lines_by_qid:
             order.append(qid)
         lines_by_qid.setdefault(qid, []).append(text)
+    # A sidecar is a sequence of whole chunks: in chunk order for one process, in its share's order for each of
+    # several. Keep the complete chunks at its start; the first incomplete one (a torn write) ends it.
+    chunk_at = {chunk[0]: chunk for chunk in chunks}
     keep: dict[str, list[str]] = {}
     kept_lines = 0
     pos_q = 0
-    for chunk in chunks:
-        if not all(q in lines_by_qid and len(lines_by_qid[q]) == len(expected[q]) for q in chunk):
+    while pos_q < len(order):
+        chunk = chunk_at.get(order[pos_q])
+        if chunk is None:
+            raise ValueError(f"{path}: query {order[pos_q]!r} starts no chunk of this run; the sidecar is stale. Fix: {fix}")
+        if order[pos_q : pos_q + len(chunk)] != chunk or not all(
+                len(lines_by_qid[q]) == len(expected[q]) for q in chunk):
             break
-        if order[pos_q : pos_q + len(chunk)] != chunk:
-            raise ValueError(f"{path}: queries appear in an order other than this run's chunks; the sidecar is stale. Fix: {fix}")
         pos_q += len(chunk)
         for q in chunk:
             keep[q] = lines_by_qid[q]
@@ -203,6 +218,12 @@ def run_options(args: argparse.Namespace) -> dict[str, object]:
     """The options a resumed run must share with the interrupted one (see :data:`RUN_OPTIONS`), and the inputs it
     read, each as path, size and modification time."""
     options: dict[str, object] = {name: getattr(args, name, None) for name in RUN_OPTIONS}
+    # The kind of device changes the floats; which GPU, or how many processes, does not (a run interrupted on 8
+    # GPUs may resume on 1).
+    try:
+        options["device"] = _device_type(args.device)
+    except ValueError:
+        pass
     for name in INPUT_OPTIONS:
         if getattr(args, name, None):
             options[name] = _fingerprint(str(getattr(args, name)))
@@ -280,9 +301,84 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"missing {', '.join(lacking)}: pass --run, --queries and --corpus together, or --candidates JSON")
 
 
+# ---------------------------------------------------------------------------------------- several processes
+def rank_sidecar(sidecar: Path, rank: int) -> Path:
+    """Process ``rank``'s sidecar: ``OUT.partial`` for rank 0 (and a single process), ``OUT.partial.N`` else."""
+    return sidecar if rank == 0 else sidecar.with_name(f"{sidecar.name}.{rank}")
+
+
+def sidecar_files(sidecar: Path) -> list[Path]:
+    """Every sidecar of an earlier run, whatever its number of processes (``OUT.partial``, ``OUT.partial.N``)."""
+    found = [sidecar] if sidecar.is_file() else []
+    numbered = [f for f in sidecar.parent.glob(f"{sidecar.name}.*") if f.name[len(sidecar.name) + 1:].isdigit()]
+    return found + sorted(numbered, key=lambda f: int(f.name[len(sidecar.name) + 1:]))
+
+
+def _spawn_devices(args: argparse.Namespace) -> int:
+    """``--devices A,B,...``: one process per device on this machine, as a launcher would start them (one rank
+    each; rank 0 writes the merged run); exit status: the first non-zero one of theirs."""
+    import subprocess
+
+    from tsarank.sharding import free_port
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    try:
+        if args.device is not None:
+            raise ValueError("give --device (one process) or --devices (one process per device), not both")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--devices starts its own processes; under torchrun or deepspeed leave it out (each "
+                             "process takes the GPU of its LOCAL_RANK)")
+        if not devices:
+            raise ValueError(f"--devices {args.devices!r}: name at least one device, e.g. cuda:0,cuda:1")
+        for d in devices:
+            _device_type(d)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    for k, a in enumerate(argv):
+        if a == "--devices":
+            del argv[k : k + 2]
+            break
+        if a.startswith("--devices="):
+            del argv[k]
+            break
+    port = str(free_port())
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // len(devices)))
+    procs = []
+    for rank, device in enumerate(devices):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(devices)),
+               "LOCAL_WORLD_SIZE": str(len(devices)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "OMP_NUM_THREADS": threads}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tsarank.cli", *argv, "--device", device], env=env))
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:  # the processes got the same SIGINT; wait for their messages
+        codes = [proc.wait() for proc in procs]
+        return 130
+    return next((c for c in codes if c != 0), 0)
+
+
 # ---------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank rerank``; returns the process exit code."""
+    if getattr(args, "devices", None):
+        return _spawn_devices(args)
+    from tsarank.sharding import ScoringGroup
+
+    try:
+        group = ScoringGroup.from_env()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        print(f"error: cannot join the scoring processes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): {exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        return _run(args, group)
+    finally:
+        group.close()
+
+
+def _run(args: argparse.Namespace, group) -> int:
     import contextlib
 
     from tsarank.atomic import OutputLock, check_output_file
@@ -293,21 +389,28 @@ def run(args: argparse.Namespace) -> int:
     meta = out.with_name(out.name + META_SUFFIX)
     t_start = time.perf_counter()
     hold = contextlib.ExitStack()
+    error = None
     try:
         _check_args(args)
+        args.device = group.device(args.device)
         check_output_file(out, overwrite=True)  # the place: an existing, writable directory (the lock lives there)
-        hold.enter_context(OutputLock(out, "tsarank rerank"))  # held until this function returns
+        if group.rank == 0:  # one lock for the whole group: the other processes write only their own sidecars
+            hold.enter_context(OutputLock(out, "tsarank rerank"))
+        existing = sidecar_files(sidecar)
         check_output_file(out, args.overwrite,
-                          note=" (the interrupted run had already finished)" if sidecar.exists() else "")
-        if sidecar.exists() and not args.resume:
+                          note=" (the interrupted run had already finished)" if existing else "")
+        if existing and not args.resume:
             raise ValueError(
-                f"found {sidecar} from an interrupted run; pass --resume to continue it, or delete it to start over"
+                f"found {existing[0]} from an interrupted run; pass --resume to continue it, or delete it to start over"
             )
         if args.candidates:
             lists, missing = load_candidates(candidates=args.candidates, top_k=args.top_k)
         else:
             lists, missing = load_candidates(run=args.run, queries=args.queries, corpus=args.corpus, top_k=args.top_k)
-        _report_missing(missing, args.strict)
+        if group.rank == 0:
+            _report_missing(missing, args.strict)
+        elif missing and args.strict:
+            raise ValueError("docids of the run are missing from the corpus (see rank 0)")
         lists.sort(key=lambda c: qid_sort_key(c.qid))
         if args.max_queries is not None:
             lists = lists[: args.max_queries]
@@ -319,82 +422,132 @@ def run(args: argparse.Namespace) -> int:
         chunks = [[c.qid for c in lists[s:e]] for s, e in plan_chunks([len(c) for c in lists], chunk_docs)]
         _check_model_arg(args.model)
         expected = {c.qid: set(c.docids) for c in lists}
-        resuming = args.resume and sidecar.exists()
+        resuming = bool(args.resume and existing)
         if resuming:
             check_resume_options(meta, run_options(args))
-        state = read_sidecar(sidecar, expected, chunks, args.tag) if resuming else SidecarState({}, 0, 0)
+        # Every process reads every sidecar before any of them writes (the agreement below is the fence).
+        state = SidecarState({}, 0, 0)
+        for f in existing if resuming else []:
+            st = read_sidecar(f, expected, chunks, args.tag)
+            state.lines.update(st.lines)
+            state.dropped_lines += st.dropped_lines
+            if f == rank_sidecar(sidecar, group.rank):
+                state.valid_bytes = st.valid_bytes
     except (DataError, ValueError, OSError) as exc:
+        error = exc
+    oks = group.oks(error is None)
+    if not all(oks):
         hold.close()
-        print(f"error: {exc}", file=sys.stderr)
+        # Input errors are the same on every process: rank 0 says it once; a process that alone failed says why.
+        if error is not None and (group.rank == 0 or oks[0]):
+            where = f"(process {group.rank}) " if group.rank else ""
+            print(f"error: {where}{error}", file=sys.stderr)
+        elif group.rank == 0:
+            print("error: another scoring process stopped before scoring (its message is above)", file=sys.stderr)
         return 2
     with hold:
-        return _score_and_write(args, out, sidecar, meta, lists, chunks, state, empty, t_start)
+        return _score_and_write(args, group, out, sidecar, meta, lists, chunks, state, empty, t_start, resuming)
 
 
-def _score_and_write(args: argparse.Namespace, out: Path, sidecar: Path, meta: Path, lists: list, chunks: list,
-                     state: SidecarState, empty: list[str], t_start: float) -> int:
-    """Score the chunks the sidecar lacks, appending each to it, then write ``out`` atomically (under the lock)."""
+def _score_and_write(args: argparse.Namespace, group, out: Path, sidecar: Path, meta: Path, lists: list,
+                     chunks: list, state: SidecarState, empty: list[str], t_start: float, resuming: bool) -> int:
+    """Score this process's share of the chunks the sidecars lack, appending each to its sidecar; then rank 0
+    writes ``out`` atomically from every sidecar (under the lock)."""
     import json
 
     from tsarank.atomic import atomic_open, atomic_write_text
+    from tsarank.sharding import assign_chunks, chunk_cost
 
-    if empty:
+    lead = group.rank == 0
+    if lead and empty:
         print(f"warning: {len(empty)} queries have no candidates and get no lines (e.g. {', '.join(empty[:_MISSING_SHOWN])})", file=sys.stderr)
-    if args.resume and not sidecar.exists():
+    if lead and args.resume and not resuming:
         print(f"note: --resume given but {sidecar} does not exist; starting from the beginning", file=sys.stderr)
 
     by_qid = {c.qid: c for c in lists}
-    todo = [chunk for chunk in chunks if chunk[0] not in state.lines]
+    pending = [chunk for chunk in chunks if chunk[0] not in state.lines]
+    doc_chars = 4 * (args.max_doc_tokens or 256)
+    costs = [sum(chunk_cost(by_qid[q].query, by_qid[q].texts, doc_chars) for q in chunk) for chunk in pending]
+    todo = [pending[i] for i in assign_chunks(costs, group.world)[group.rank]]
     n_docs_total = sum(len(c) for c in lists)
+    n_docs_pending = sum(len(by_qid[q]) for chunk in pending for q in chunk)
     n_docs_todo = sum(len(by_qid[q]) for chunk in todo for q in chunk)
-    if state.lines:
+    if lead and state.lines:
         dropped = f"; {state.dropped_lines} lines of an unfinished chunk dropped" if state.dropped_lines else ""
         print(f"resuming: {len(state.lines)} of {len(lists)} queries already in {sidecar}{dropped}", file=sys.stderr)
+    if lead and group.distributed:
+        print(f"scoring on {group.world} processes: {n_docs_pending} documents in {len(pending)} chunks, balanced by "
+              "estimated tokens", file=sys.stderr)
+
+    ranker = _load_ranker(args, quiet=not lead) if todo else None
+    if not group.all_ok(ranker is not None or not todo):
+        if lead and (ranker is not None or not todo):
+            print("error: another scoring process could not load the model (its message is above)", file=sys.stderr)
+        return 2
+    own = rank_sidecar(sidecar, group.rank)
+    if lead and not resuming:  # a fresh run: record the options a --resume must repeat
+        atomic_write_text(meta, json.dumps(run_options(args), indent=1) + "\n")
 
     elapsed_scoring = 0.0
     if todo:
-        ranker = _load_ranker(args)
-        if ranker is None:
-            return 2
         from tqdm.auto import tqdm
 
-        if not state.lines:  # a fresh sidecar: record the options a --resume must repeat
-            atomic_write_text(meta, json.dumps(run_options(args), indent=1) + "\n")
-
         # Truncate away a torn tail so that appended chunks follow the last complete one.
-        with open(sidecar, "ab") as fh:
+        with open(own, "ab") as fh:
             fh.truncate(state.valid_bytes)
+        total = n_docs_total if not group.distributed else n_docs_todo
         # rate_noinv_fmt: always "docs/s", also below 1 doc/s (where tqdm's default would switch to "s/doc").
-        bar = tqdm(total=n_docs_total, initial=n_docs_total - n_docs_todo, unit=" docs", desc="rerank", dynamic_ncols=True,
-                   smoothing=0.1, file=sys.stderr,
+        bar = tqdm(total=total, initial=total - n_docs_todo, unit=" docs",
+                   desc="rerank" if not group.distributed else f"rerank (process 0 of {group.world})",
+                   dynamic_ncols=True, smoothing=0.1, file=sys.stderr, disable=not lead,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} docs [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         t0 = time.perf_counter()
-        written = [len(state.lines)]  # queries whose lines are on disk in the sidecar
+        written = [len(state.lines)]  # queries whose lines are on disk in the sidecars
         try:
-            _score_chunks(ranker, args, sidecar, todo, by_qid, state, bar, written)
+            _score_chunks(ranker, args, own, todo, by_qid, state, bar, written)
         except KeyboardInterrupt:
             bar.close()
-            print(f"\ninterrupted: {written[0]} of {len(lists)} queries are kept in {sidecar}; run the same command "
-                  "with --resume to continue (the result is identical to an uninterrupted run)", file=sys.stderr)
+            if lead:
+                kept = f"{sidecar}" if not group.distributed else f"{sidecar} and {sidecar}.N"
+                print(f"\ninterrupted: {written[0]} of {len(lists)} queries are kept in {kept}; run the same "
+                      "command with --resume to continue (the result is identical to an uninterrupted run)",
+                      file=sys.stderr)
             return 130
         finally:
             bar.close()
         elapsed_scoring = time.perf_counter() - t0
+    elapsed_scoring = group.max(elapsed_scoring)
+    if not group.all_ok(True):  # every process has flushed its share
+        return 1
+    if not lead:
+        return 0
 
+    files = sidecar_files(sidecar)
+    expected = {c.qid: set(c.docids) for c in lists}
+    lines: dict[str, list[str]] = {}
+    for f in files:
+        lines.update(read_sidecar(f, expected, chunks, args.tag).lines)
+    lacking = [c.qid for c in lists if c.qid not in lines]
+    if lacking:
+        print(f"error: {len(lacking)} queries are in no sidecar after scoring (e.g. {lacking[:3]}); rerun with "
+              "--resume", file=sys.stderr)
+        return 1
     try:
         with atomic_open(out) as fh:
             for c in lists:
-                fh.writelines(state.lines[c.qid])
+                fh.writelines(lines[c.qid])
     except OSError as exc:
         print(f"error: could not write {out}: {exc}; the scored queries are kept in {sidecar} (rerun with --resume)", file=sys.stderr)
         return 1
-    sidecar.unlink(missing_ok=True)
+    for f in files:
+        f.unlink(missing_ok=True)
     meta.unlink(missing_ok=True)
-    rate = n_docs_todo / elapsed_scoring if elapsed_scoring > 0 else float("nan")
-    resumed = f", {len(lists) - sum(len(c) for c in todo)} queries resumed" if len(todo) < len(chunks) else ""
+    rate = n_docs_pending / elapsed_scoring if elapsed_scoring > 0 else float("nan")
+    resumed = f", {len(lists) - sum(len(c) for c in pending)} queries resumed" if len(pending) < len(chunks) else ""
+    where = f" on {group.world} processes" if group.distributed else ""
     print(
-        f"reranked {len(lists)} queries, {n_docs_total} docs ({n_docs_todo} scored in {elapsed_scoring:.1f} s, "
-        f"{rate:.1f} docs/s{resumed}; total {time.perf_counter() - t_start:.1f} s) -> {out}"
+        f"reranked {len(lists)} queries, {n_docs_total} docs ({n_docs_pending} scored in {elapsed_scoring:.1f} s"
+        f"{where}, {rate:.1f} docs/s{resumed}; total {time.perf_counter() - t_start:.1f} s) -> {out}"
     )
     return 0
 
@@ -424,8 +577,9 @@ def _score_chunks(ranker, args: argparse.Namespace, sidecar: Path, todo: list[li
             os.fsync(fh.fileno())
 
 
-def _load_ranker(args: argparse.Namespace):
-    """Load the model after all inputs are known to be good; print the error and return None on failure."""
+def _load_ranker(args: argparse.Namespace, quiet: bool = False):
+    """Load the model after all inputs are known to be good; print the error and return None on failure (``quiet``:
+    no report of the model and template, which the first process prints)."""
     from tsarank.inference import Ranker
 
     kw = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation, max_tokens=args.max_tokens,
@@ -440,6 +594,7 @@ def _load_ranker(args: argparse.Namespace):
     budget = f"document {t.max_doc_tokens}, query {t.max_query_tokens}" + (
         f", total {t.max_length}" if t.max_length is not None else "")
     # Which prompt a checkpoint is scored with decides its numbers: always say it.
-    print(f"model: {args.model} ({ranker.checkpoint_kind or 'checkpoint'}; template {t.style}, {t.scoring_head} "
-          f"head; token budgets: {budget})", file=sys.stderr)
+    if not quiet:
+        print(f"model: {args.model} ({ranker.checkpoint_kind or 'checkpoint'}; template {t.style}, {t.scoring_head} "
+              f"head; token budgets: {budget})", file=sys.stderr)
     return ranker
