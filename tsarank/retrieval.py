@@ -35,6 +35,14 @@ def bm25_options(args: argparse.Namespace) -> dict[str, Any]:
         "stopwords": None if args.stopwords.lower() == "none" else args.stopwords,
     }
     _stemmer(options["stemmer"])  # an unknown stemmer fails here, before any corpus is read
+    if options["stopwords"] is not None:  # and an unknown stop-word list, in bm25s's own terms
+        from bm25s.tokenization import _infer_stopwords
+
+        try:
+            _infer_stopwords(options["stopwords"])
+        except Exception:  # noqa: BLE001 - bm25s raises a bare ValueError/KeyError depending on version
+            raise ValueError(f"--stopwords {args.stopwords!r}: not a bm25s stop-word list (e.g. en, de, fr, es, "
+                             "or none)") from None
     if not args.k1 > 0 or not 0 <= args.b <= 1:
         raise ValueError(f"--k1 must be > 0 and --b within [0, 1], got {args.k1} and {args.b}")
     return options

@@ -270,16 +270,18 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the same classes, further cases
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_bf16_without_gpu_and_negative_workers_are_option_errors(tmp_path, capsys):
-    for flags, message in ((["--bf16", "true"], "--bf16 asked for, but this machine has no CUDA GPU. Fix: add "
-                                                "--use_cpu true"),
-                           (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0")):
-        for stage in (sft, cpt):
-            rc = stage.main(["--model_name_or_path", "./no/model", "--train_file", str(tmp_path / "missing.jsonl"),
-                             "--output_dir", str(tmp_path / "o"), "--report_to", "none", *flags])
-            err = capsys.readouterr().err
-            assert rc == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_bf16_without_gpu_trains_on_cpu_and_negative_workers_are_option_errors(tmp_path, capsys):
+    from tsarank.training.arguments import TsarankTrainingArguments
+
+    # --bf16 on a machine without CUDA: bf16 autocast on the CPU (was a transformers ValueError traceback).
+    args = TsarankTrainingArguments(output_dir=str(tmp_path / "o"), bf16=True, report_to="none")
+    assert args.use_cpu and args.bf16 and args.device.type == "cpu"
+    for stage in (sft, cpt):
+        rc = stage.main(["--model_name_or_path", "./no/model", "--train_file", str(tmp_path / "missing.jsonl"),
+                         "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--dataloader_num_workers", "-1"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: --dataloader_num_workers must be >= 0"), err
     assert not (tmp_path / "o").exists()
 
 
@@ -485,3 +487,17 @@ def test_truncated_weights_are_one_line_naming_the_checkpoint(tmp_path, tiny_che
     err = capsys.readouterr().err
     assert rc == 2 and "its weight files cannot be read" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_config_equals_form_is_read_and_retrieve_options_before_the_corpus(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 2.5\n")
+    for argv in (["--config", str(config)], [f"--config={config}"]):  # `=` used to drop the whole config
+        rc = sft.main([*argv, "--report_to", "none"])
+        assert rc == 2 and f"{config}: max_steps: expected an integer, got float 2.5" in capsys.readouterr().err
+    for flags, message in ((["--tag", "my run"], "--tag must be a non-empty word"),
+                           (["--stopwords", "klingon"], "--stopwords 'klingon': not a bm25s stop-word list")):
+        assert cli(["retrieve", "--corpus", str(tmp_path / "no-such-corpus"), "--queries", str(tmp_path / "q.tsv"),
+                    *flags, "--out", str(tmp_path / "r.trec")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no-such-corpus" not in err, err

@@ -80,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        if not args.tag or any(ch.isspace() for ch in args.tag):
+            raise ValueError(f"--tag must be a non-empty word without whitespace, got {args.tag!r}")
         check_output_file(out, args.overwrite)
         options = bm25_options(args)
         queries_path = queries_source(corpus_path, args.queries)
