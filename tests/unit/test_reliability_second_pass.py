@@ -501,3 +501,22 @@ def test_config_equals_form_is_read_and_retrieve_options_before_the_corpus(tmp_p
                     *flags, "--out", str(tmp_path / "r.trec")]) == 2
         err = capsys.readouterr().err
         assert message in err and "no-such-corpus" not in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "./tiyn"], "--model ./tiyn: no such directory"),
+    (["--dtype", "fp64"], "--dtype: "),
+    (["--attn-implementation", "sdpa2"], "--attn-implementation 'sdpa2': use one of auto, sdpa, eager, flash_attention_2"),
+    (["--attn-implementation", "flash_attention_2", "--device", "cpu"], "--attn-implementation: attn_implementation="
+                                                                          "'flash_attention_2' cannot run here"),
+])
+def test_rerank_model_options_are_checked_before_the_corpus_is_read(flags, message, tmp_path, capsys):
+    """The corpus's last line is broken: an option error must come first, before a line of it is read."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("d1\tfine text\nd2 no tab here\n")
+    (tmp_path / "q.tsv").write_text("1\tquery\n")
+    (tmp_path / "run.trec").write_text("1 Q0 d1 1 1.0 bm25\n")
+    assert cli(["rerank", "--run", str(tmp_path / "run.trec"), "--queries", str(tmp_path / "q.tsv"), "--corpus",
+                str(corpus), *flags, "--out", str(tmp_path / "out.trec")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "corpus.tsv" not in err, err

@@ -56,6 +56,7 @@ INPUT_OPTIONS = ("candidates", "run", "queries", "corpus")
 # Documents per chunk (one flush to the sidecar): a few CPU batches, or one large GPU batch.
 DEFAULT_CHUNK_DOCS = {"cpu": 256, "cuda": 2048}
 _MISSING_SHOWN = 5
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -293,6 +294,21 @@ def _check_args(args: argparse.Namespace) -> None:
         from tsarank.prompts import PromptTemplate
 
         PromptTemplate.named(args.template)  # an unknown name fails now, listing the known ones
+    # Model, device, dtype and attention: before any input is read (a corpus can take minutes).
+    _check_model_arg(args.model)
+    _device_type(args.device)
+    from tsarank.backend import resolve_attn_implementation, resolve_dtype
+
+    try:
+        dtype = resolve_dtype(args.dtype, args.device)
+    except ValueError as exc:
+        raise ValueError(f"--dtype: {exc}") from None
+    if args.attn_implementation not in ATTENTION_CHOICES:
+        raise ValueError(f"--attn-implementation {args.attn_implementation!r}: use one of {', '.join(ATTENTION_CHOICES)}")
+    try:
+        resolve_attn_implementation(args.attn_implementation, args.device, dtype)
+    except ValueError as exc:
+        raise ValueError(f"--attn-implementation: {exc}") from None
     given = [n for n in ("run", "queries", "corpus") if getattr(args, n)]
     if args.candidates and given:
         raise ValueError("give either --candidates (rank_llm JSON) or --run/--queries/--corpus, not both")
@@ -420,7 +436,6 @@ def _run(args: argparse.Namespace, group) -> int:
             raise ValueError("no query has any candidate left to re-rank")
         chunk_docs = args.chunk_docs or DEFAULT_CHUNK_DOCS[_device_type(args.device)]
         chunks = [[c.qid for c in lists[s:e]] for s, e in plan_chunks([len(c) for c in lists], chunk_docs)]
-        _check_model_arg(args.model)
         expected = {c.qid: set(c.docids) for c in lists}
         resuming = bool(args.resume and existing)
         if resuming:
