@@ -281,6 +281,11 @@ class Demo:
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a non-empty output directory unless resuming it or explicitly overwriting it."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory. Fix: choose a directory path")
+    from .atomic import check_writable_dir, nearest_existing
+
+    check_writable_dir(nearest_existing(out), "--out")  # before any phase, not when the first one saves
     if out.exists() and any(out.iterdir()):
         if resume:
             if not (out / STATE).is_file():

@@ -520,3 +520,20 @@ def test_rerank_model_options_are_checked_before_the_corpus_is_read(flags, messa
                 str(corpus), *flags, "--out", str(tmp_path / "out.trec")]) == 2
     err = capsys.readouterr().err
     assert message in err and "corpus.tsv" not in err, err
+
+
+def test_demo_output_lock_and_places(tmp_path, capsys):
+    from tsarank.atomic import OutputLock
+
+    out = tmp_path / "demo"
+    with OutputLock(out.resolve(), "tsarank demo"):  # a first demo, still running
+        assert cli(["demo", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: another tsarank demo (pid ") and "choose another --out" in err, err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert cli(["demo", "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
+    assert cli(["demo", "--out", "/sys/demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --out: cannot write in /sys (Permission denied); choose another place", err

@@ -27,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Execute ``tsarank demo`` under the output lock of ``--out`` (a second demo into it stops at once)."""
+    from . import run_locked
+
+    return run_locked(_run, args, str(Path(args.out).resolve()), "tsarank demo")
+
+
+def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..demo import PRESETS, Demo, prepare_out_dir, resolve_data_dir
@@ -35,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         data = resolve_data_dir(args.data)  # fail before touching the output directory
         out = Path(args.out).resolve()
         prepare_out_dir(out, resume=args.resume, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError) as exc:
+    except OSError as exc:  # no data; a non-empty, unwritable or file --out
         print(f"error: {exc}", file=sys.stderr)
         return 2
     preset = dataclasses.replace(PRESETS[args.preset], sft_scoring_head=args.scoring_head)
@@ -44,4 +51,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a resumed demo with other settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished phases are kept in {out}; run the same command with --resume to "
+              "continue from the next one", file=sys.stderr)
+        return 130
     return 0
