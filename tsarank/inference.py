@@ -122,6 +122,26 @@ def check_docs(query: Any, docs: Any) -> list[str]:
     return docs
 
 
+def check_pairs(pairs: Any) -> list[tuple[str, str]]:
+    """``(query, doc)`` pairs checked as the CLI checks its inputs.
+
+    Raises:
+        TypeError: A bare string, an element that is not a pair of strings.
+        ValueError: An empty query.
+    """
+    if isinstance(pairs, (str, bytes)):
+        raise TypeError("pairs must be a list of (query, doc) pairs, got a single string")
+    pairs = list(pairs)
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"pairs[{i}] must be a (query, doc) pair, got {_describe(pair)}")
+    for i, (q, d) in enumerate(pairs):
+        check_query(q, f"pairs[{i}][0] (query)")
+        if not isinstance(d, str):
+            raise TypeError(f"pairs[{i}][1] (doc) must be a str, got {type(d).__name__}")
+    return pairs
+
+
 class Ranker:
     """A re-ranker around a causal LM and its tsarank template.
 
@@ -147,6 +167,7 @@ class Ranker:
         if self.template.scoring_head == LAST_TOKEN and head is None:
             raise ValueError("a last_token template needs its LastTokenHead")
         self.head = head.to(self.device).eval() if head is not None else None
+        positive_int_or_none(max_tokens, "max_tokens")  # 0 used to mean the default silently
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS.get(self.device.type, 8192)
         # Scoring a model that is being trained under ZeRO-3 (ranking evaluation): DeepSpeed gathers and caches the
         # full parameters itself, and tensors it made under inference_mode could not take part in the next training
@@ -201,6 +222,9 @@ class Ranker:
         """
         from .loading import load_for_scoring, resolve_checkpoint
 
+        for name, value in (("max_tokens", max_tokens), ("max_doc_tokens", max_doc_tokens),
+                            ("max_query_tokens", max_query_tokens), ("max_length", max_length)):
+            positive_int_or_none(value, name)  # as the CLI's --max-tokens, --max-doc-tokens...: before any loading
         device = check_device_available(device)
         spec = resolve_checkpoint(name_or_path, template)
         chosen = spec.template.with_budgets(max_doc_tokens, max_query_tokens, max_length)  # bad budgets: before loading
@@ -245,6 +269,7 @@ class Ranker:
             batch_size: Optional cap on sequences per batch (the token budget applies as well).
             on_batch: Called with the number of pairs after each batch (progress bars).
         """
+        _check_batch_size(batch_size)
         scores = [0.0] * len(encoded)
         pending = plan_batches([len(e.input_ids) for e in encoded], self.max_tokens, batch_size)
         with torch.no_grad() if self._no_grad_only else torch.inference_mode():
@@ -277,17 +302,8 @@ class Ranker:
         on_batch: Callable[[int], None] | None = None,
     ) -> list[float]:
         """Score many (query, doc) pairs at once, batching across queries. Results in input order."""
-        if isinstance(pairs, (str, bytes)):
-            raise TypeError("pairs must be a list of (query, doc) pairs, got a single string")
         _check_batch_size(batch_size)
-        pairs = list(pairs)
-        for i, pair in enumerate(pairs):
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(f"pairs[{i}] must be a (query, doc) pair, got {_describe(pair)}")
-        for i, (q, d) in enumerate(pairs):
-            check_query(q, f"pairs[{i}][0] (query)")
-            if not isinstance(d, str):
-                raise TypeError(f"pairs[{i}][1] (doc) must be a str, got {type(d).__name__}")
+        pairs = check_pairs(pairs)
         if not pairs:
             return []
         encoded = self.encode([q for q, _ in pairs], [d for _, d in pairs])

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .inference import Ranker, collate_pairs, plan_batches
+from .inference import Ranker, check_pairs, collate_pairs, plan_batches, positive_int_or_none
 from .layers import final_norm, find_decoder_layers
 from .modeling import body_and_head, logit_transform, query_likelihood_scores
 from .packing import padded_inputs
@@ -130,7 +130,8 @@ def score_pairs_shared(
     if not rankers:
         raise ValueError("score_pairs_shared needs at least one ranker")
     _check_compatible(rankers)
-    pairs = list(pairs)
+    positive_int_or_none(batch_size, "batch_size")
+    pairs = check_pairs(pairs)  # the checks of Ranker.score_pairs
     if not pairs:
         return [[] for _ in rankers], 0
     r0 = rankers[0]

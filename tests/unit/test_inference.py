@@ -333,7 +333,9 @@ def test_rerank_command_validates_inputs_before_loading_model(tmp_path, capsys):
     assert "missing --queries, --corpus" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('[{"query": "q", "hits": [{"qid": 1, "docid": "a"}]}]')
-    assert cli("rerank", "--candidates", str(bad), "--model", missing_model, "--out", str(tmp_path / "o")) == 2
+    # A Hub id passes the up-front model check (only loading can tell): the data error comes before loading it.
+    assert cli("rerank", "--candidates", str(bad), "--model", "no-such-org/no-such-model", "--out",
+               str(tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "bad.json:1" in err and "hits[0].content" in err
     (tmp_path / "exists.trec").write_text("x\n")

@@ -537,3 +537,76 @@ def test_demo_output_lock_and_places(tmp_path, capsys):
     assert cli(["demo", "--out", "/sys/demo"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --out: cannot write in /sys (Permission denied); choose another place", err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max_train_samples", "0", "--max_train_samples must be >= 1 (or unset for all), got 0"),
+    ("--max_doc_tokens", "0", "--max_doc_tokens must be >= 1, got 0"),
+    ("--rank_eval_steps", "5", "rank_eval_steps > 0 needs rank_eval_candidates and rank_eval_qrels"),
+    ("--rank_eval_steps", "-1", "--rank_eval_steps must be >= 0 (0 = off), got -1"),
+    ("--lora_dropout", "1.5", "--lora_dropout must be in [0, 1), got 1.5"),
+    ("--eval_strategy", "steps", "eval_strategy='steps' needs --validation_file"),
+])
+def test_more_training_ranges_before_loading(flag, value, message, tmp_path, capsys, tiny_checkpoint):
+    for stage in (sft, cpt):
+        rc = stage.main(["--model_name_or_path", str(tiny_checkpoint), "--train_file", str(_groups(tmp_path / "g.jsonl")),
+                         "--output_dir", str(tmp_path / "o"), "--report_to", "none", flag, value])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (stage.__name__, err)
+    assert not (tmp_path / "o").exists()
+    rc = sft.main(["--model_name_or_path", "./m", "--train_group_size", "1", "--report_to", "none"])
+    assert rc == 2 and "--train_group_size must be >= 2" in capsys.readouterr().err
+
+
+def test_utf16_yaml_config_gets_the_utf16_fix(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 2\n", encoding="utf-16")
+    assert sft.main(["--config", str(config)]) == 2
+    assert f"{config}: expected UTF-8 text, got UTF-16" in capsys.readouterr().err
+
+
+def test_api_budgets_and_the_shared_trunk_are_checked_like_the_cli(model, tiny_tokenizer, tiny_checkpoint):
+    from tsarank.shared_trunk import score_pairs_shared
+
+    for kw, message in (({"max_doc_tokens": 0}, "max_doc_tokens must be an int >= 1"),
+                        ({"max_doc_tokens": 2.5}, "max_doc_tokens must be an int >= 1"),
+                        ({"max_tokens": 0}, "max_tokens must be an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            Ranker.from_pretrained(str(tiny_checkpoint), **kw)
+    with pytest.raises(ValueError, match="max_tokens must be an int >= 1"):
+        Ranker(model, tiny_tokenizer, max_tokens=-5)
+    ranker = Ranker(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        score_pairs_shared([ranker], [("q", "d")], batch_size=0)
+    with pytest.raises(TypeError, match="single string"):
+        score_pairs_shared([ranker], "q")
+    with pytest.raises(ValueError, match="query"):
+        score_pairs_shared([ranker], [("", "d")])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        ranker.score_encoded(ranker.encode(["q"], ["d"]), batch_size=0)
+    assert score_pairs_shared([ranker], [("q", "d")])[0][0][0] == pytest.approx(ranker.score("q", ["d"])[0], abs=1e-5)
+
+
+def test_evaluate_plot_format_and_rel_level_before_the_work(tmp_path, capsys):
+    qrels = DATA / "trec-dl-passage" / "qrels.dl19-passage.txt"
+    run = tmp_path / "r.trec"
+    run.write_text("19335 Q0 1017759 1 1.0 t\n")
+    assert cli(["evaluate", "--run", str(run), "--qrels", str(qrels), "--compare", str(run), "--plot",
+                str(tmp_path / "p.txt")]) == 2
+    assert "--plot" in (err := capsys.readouterr().err) and ".txt is not an image format" in err and ".png" in err
+    assert not (tmp_path / "p.txt").exists()
+    for level, message in (("0", "--rel-level must be >= 1"), ("99", "--rel-level 99: no judgment in")):
+        assert cli(["evaluate", "--run", str(run), "--qrels", str(qrels), "--rel-level", level]) == 2
+        assert message in capsys.readouterr().err
+    assert cli(["evaluate", "--run", str(run), "--qrels", str(qrels), "--rel-level", "3"]) == 0
+
+
+def test_unwritable_tsarank_home_is_one_line(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for home in ("/sys/tsarank-home", str(a_file / "home")):
+        monkeypatch.setenv("TSARANK_HOME", home)
+        assert cli(["default-model"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot build the default model in TSARANK_HOME={home}") and "\n" == err[-1]
+        assert err.count("\n") == 1, err

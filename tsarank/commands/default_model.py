@@ -16,7 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
     from ..default_model import default_model_path
 
-    print(default_model_path())
+    try:
+        print(default_model_path())
+    except OSError as exc:  # an unwritable or file TSARANK_HOME: one line naming it
+        home = os.environ.get("TSARANK_HOME", "~/.cache/tsarank")
+        print(f"error: cannot build the default model in TSARANK_HOME={home}: {exc.strerror or exc}. Fix: point "
+              "TSARANK_HOME at a writable directory", file=sys.stderr)
+        return 2
     return 0

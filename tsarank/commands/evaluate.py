@@ -83,6 +83,17 @@ def _short(path: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
+def _check_image_format(path: str) -> None:
+    """The suffix of ``--plot`` must be a format matplotlib writes (else it fails after the evaluation)."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise ValueError(f"--plot {path}: {'.' + suffix if suffix else 'no suffix'} is not an image format matplotlib "
+                         f"writes; use one of {', '.join('.' + f for f in sorted(formats))}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank evaluate``; returns the process exit code."""
     from tsarank.data.formats import read_qrels, read_run
@@ -93,10 +104,17 @@ def run(args: argparse.Namespace) -> int:
         print("error: --plot needs --compare OTHER_RUN (it plots per-query deltas between two runs)", file=sys.stderr)
         return 2
     try:
-        if args.plot:  # the image's place, before reading any run
+        if args.plot:  # the image's place and format, before reading any run
             check_output_file(args.plot, args.overwrite, flag="--plot")
+            _check_image_format(args.plot)
+        if args.rel_level is not None and args.rel_level < 1:
+            raise ValueError(f"--rel-level must be >= 1 (grade 0 means judged non-relevant), got {args.rel_level}")
         measures = parse_measures(args.measures, rel_level=args.rel_level)
         qrels = read_qrels(args.qrels)
+        top = max((g for judged in qrels.values() for g in judged.values()), default=0)
+        if args.rel_level is not None and args.rel_level > top:
+            raise ValueError(f"--rel-level {args.rel_level}: no judgment in {args.qrels} reaches it (highest grade "
+                             f"{top}), so every binary measure would be 0")
         main_run = read_run(args.run)
         other_run = read_run(args.compare) if args.compare else None
     except (DataError, ValueError, OSError) as exc:

@@ -282,19 +282,9 @@ def _check_model_arg(model: str) -> None:
         raise ValueError(f"--model {model}: no such directory (and it does not look like a Hub id 'owner/name')")
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("top_k", "batch_size", "max_tokens", "max_queries", "chunk_docs", "max_doc_tokens",
-                 "max_query_tokens", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not args.tag or any(ch.isspace() for ch in args.tag):
-        raise ValueError(f"--tag must be a non-empty word without whitespace, got {args.tag!r}")
-    if args.template is not None:
-        from tsarank.prompts import PromptTemplate
-
-        PromptTemplate.named(args.template)  # an unknown name fails now, listing the known ones
-    # Model, device, dtype and attention: before any input is read (a corpus can take minutes).
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Model, device, dtype and attention: checked after the output's place and before any input is read (a corpus
+    can take minutes to read)."""
     _check_model_arg(args.model)
     _device_type(args.device)
     from tsarank.backend import resolve_attn_implementation, resolve_dtype
@@ -309,6 +299,20 @@ def _check_args(args: argparse.Namespace) -> None:
         resolve_attn_implementation(args.attn_implementation, args.device, dtype)
     except ValueError as exc:
         raise ValueError(f"--attn-implementation: {exc}") from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("top_k", "batch_size", "max_tokens", "max_queries", "chunk_docs", "max_doc_tokens",
+                 "max_query_tokens", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.tag or any(ch.isspace() for ch in args.tag):
+        raise ValueError(f"--tag must be a non-empty word without whitespace, got {args.tag!r}")
+    if args.template is not None:
+        from tsarank.prompts import PromptTemplate
+
+        PromptTemplate.named(args.template)  # an unknown name fails now, listing the known ones
     given = [n for n in ("run", "queries", "corpus") if getattr(args, n)]
     if args.candidates and given:
         raise ValueError("give either --candidates (rank_llm JSON) or --run/--queries/--corpus, not both")
@@ -419,6 +423,7 @@ def _run(args: argparse.Namespace, group) -> int:
             raise ValueError(
                 f"found {existing[0]} from an interrupted run; pass --resume to continue it, or delete it to start over"
             )
+        _check_model_options(args)
         if args.candidates:
             lists, missing = load_candidates(candidates=args.candidates, top_k=args.top_k)
         else:

@@ -80,6 +80,8 @@ class ModelArguments:
             raise OptionError("merge_lora: true needs use_lora: true (there is no adapter to merge). Fix: drop merge_lora.")
         if self.use_lora and self.lora_r < 1:
             raise OptionError(f"--lora_r must be >= 1, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise OptionError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -104,6 +106,21 @@ class DataArguments:
     rank_eval_steps: int = field(default=0, metadata={"help": "re-rank and log nDCG@10 every N steps; 0 = off"})
     rank_eval_top_k: int = field(default=20, metadata={"help": "candidates per query for the ranking evaluation"})
     rank_eval_max_queries: int | None = field(default=None, metadata={"help": "cap on queries for that evaluation"})
+
+    def __post_init__(self) -> None:
+        bad = [f"--{name} must be >= 1, got {getattr(self, name)}" for name in ("max_doc_tokens", "max_query_tokens",
+                                                                               "rank_eval_top_k")
+               if getattr(self, name) < 1]
+        for name in ("max_train_samples", "rank_eval_max_queries"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad.append(f"--{name} must be >= 1 (or unset for all), got {getattr(self, name)}")
+        if self.rank_eval_steps < 0:
+            bad.append(f"--rank_eval_steps must be >= 0 (0 = off), got {self.rank_eval_steps}")
+        elif self.rank_eval_steps and not (self.rank_eval_candidates and self.rank_eval_qrels):
+            bad.append("rank_eval_steps > 0 needs rank_eval_candidates and rank_eval_qrels. Fix: set both, or "
+                       "rank_eval_steps: 0")
+        if bad:
+            raise OptionError("; ".join(bad))
 
     def prompt_template(self, scoring_head: str = "query_likelihood"):
         """The :class:`tsarank.prompts.PromptTemplate` of this run (saved in the sidecar, so scoring reproduces it).
@@ -204,6 +221,9 @@ class SFTArguments:
     negatives_seed_by_epoch: bool = field(default=True, metadata={"help": "re-sample negatives every epoch"})
 
     def __post_init__(self) -> None:
+        if self.train_group_size < 2:
+            raise OptionError(f"--train_group_size must be >= 2 (1 positive + at least 1 negative: a ranking loss "
+                              f"needs something to rank against), got {self.train_group_size}")
         try:
             self.loss_config()  # the loss options are checked where they live, with their fix-it messages
         except ValueError as exc:
@@ -329,8 +349,14 @@ def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise OptionError(f"--config {path}: no such file")
+    raw = p.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:64]:
+        raise OptionError(f"{path}: expected UTF-8 text, got UTF-16. Fix: re-encode it (iconv -f utf-16 -t utf-8 "
+                          f"{path} > config.utf8.yaml)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise OptionError(f"{path}: not valid UTF-8 (byte {e.start}). Fix: save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise OptionError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):

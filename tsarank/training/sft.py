@@ -75,6 +75,10 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
 
     loss_config = sft_args.loss_config()
     template = data_args.prompt_template(sft_args.scoring_head)
+    if training_args.eval_strategy != "no" and not data_args.validation_file:
+        raise OptionError(
+            f"eval_strategy={training_args.eval_strategy.value!r} needs --validation_file (ranking groups). Fix: pass "
+            "one, or set --eval_strategy no.")
     if sft_args.init_from:
         init = Path(sft_args.init_from)
         if init.exists():
