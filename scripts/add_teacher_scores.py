@@ -45,12 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     from tsarank.data.groups import doc_text
     from tsarank.errors import DataError
 
+    from tsarank.atomic import check_output_file
+    from tsarank.backend import check_device_available
+    from tsarank.training.model_setup import check_model_source
+
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        print(f"error: refusing to overwrite existing {out}; pass --overwrite or choose another --output", file=sys.stderr)
-        return 2
-    if not out.parent.is_dir():
-        print(f"error: output directory {out.parent} does not exist; create it first", file=sys.stderr)
+    try:  # the output's place, the options and the model's path: before reading the input or loading anything
+        check_output_file(out, args.overwrite, flag="--output")
+        for name in ("max_tokens", "max_groups"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        try:
+            check_device_available(args.device)
+        except ValueError as exc:
+            raise ValueError(f"--device: {exc}") from None
+        check_model_source(args.model, "model")
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if Path(args.input).resolve() == out.resolve():
         print("error: --output must differ from --input (the input is read while the output is written)", file=sys.stderr)
@@ -76,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model = str(default_model_path()) if args.model == "default" else args.model
     t0 = time.perf_counter()
-    ranker = Ranker.from_pretrained(model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
+    try:
+        ranker = Ranker.from_pretrained(model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
+    except (OSError, ValueError) as exc:
+        print(f"error: could not load teacher {args.model!r}: {exc}", file=sys.stderr)
+        return 2
     pairs = []
     for _, group in records:
         for passage in group["positive_passages"] + group["negative_passages"]:
@@ -91,14 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         scores = ranker.score_pairs(pairs)
 
-    with atomic_open(out) as fh:
-        start = 0
-        for raw, group in records:
-            n = len(group["positive_passages"]) + len(group["negative_passages"])
-            record = dict(raw)
-            record["teacher_scores"] = [float(s) for s in scores[start : start + n]]
-            start += n
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        with atomic_open(out) as fh:
+            start = 0
+            for raw, group in records:
+                n = len(group["positive_passages"]) + len(group["negative_passages"])
+                record = dict(raw)
+                record["teacher_scores"] = [float(s) for s in scores[start : start + n]]
+                start += n
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        print(f"error: could not write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - t0
     if replaced:
         print(f"note: {replaced:,} groups already had teacher_scores; they were replaced", file=sys.stderr)

@@ -307,6 +307,10 @@ def _encode_rankinggpt(
     if template.max_length is not None:
         # eval.py: passage_max_len = 512 - prompt_len - query_len - 10, both lengths with special tokens.
         prompt_len = len(tokenizer(template.source)["input_ids"])
+        if template.max_length - prompt_len - RANKINGGPT_MARGIN < 2:
+            raise ValueError(f"max_length {template.max_length} leaves no room for the document: the prompt takes "
+                             f"{prompt_len} tokens and eval.py's margin {RANKINGGPT_MARGIN}, before the query. Fix: "
+                             f"--max-length {prompt_len + RANKINGGPT_MARGIN + 64} or more (eval.py: 512)")
         query_lens = [len(ids) for ids in tokenizer(qs)["input_ids"]]
         budgets = [min(b, template.max_length - prompt_len - n - RANKINGGPT_MARGIN) for b, n in zip(budgets, query_lens)]
     ds = _truncate_decode(tokenizer, docs, budgets)

@@ -610,3 +610,40 @@ def test_unwritable_tsarank_home_is_one_line(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.startswith(f"error: cannot build the default model in TSARANK_HOME={home}") and "\n" == err[-1]
         assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "/sys/t.jsonl"], "--output: cannot write in /sys"),
+    (["--max-groups", "0"], "--max-groups must be >= 1, got 0"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["--model", "./typo"], "--model ./typo: no such directory"),
+])
+def test_add_teacher_scores_checks_before_reading_or_loading(flags, message, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("add_teacher_scores", Path(__file__).parents[2] / "scripts" / "add_teacher_scores.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    bad_input = tmp_path / "g.jsonl"
+    bad_input.write_text("not json\n")  # would be the error if the input were read first
+    argv = {"--model": str(tmp_path / "no-model"), "--input": str(bad_input), "--output": str(tmp_path / "o.jsonl")}
+    for k in range(0, len(flags), 2):
+        argv[flags[k]] = flags[k + 1]
+    if "--model" not in flags:
+        argv["--model"] = "default"
+    assert script.main([x for kv in argv.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "g.jsonl" not in err, err
+
+
+def test_rankinggpt_max_length_that_leaves_no_document_is_refused(model, tiny_tokenizer, tmp_path, capsys):
+    from tsarank.prompts import PromptTemplate
+
+    ranker = Ranker(model, tiny_tokenizer, PromptTemplate.named("rankinggpt", max_length=3))
+    with pytest.raises(ValueError, match="max_length 3 leaves no room for the document"):
+        ranker.score("capital of france", DOCS)
+    # A named template's budgets are checked with the other options, before any input is read.
+    assert cli(["rerank", "--candidates", str(tmp_path / "missing.json"), "--template", "tsarank", "--max-length",
+                "512", "--out", str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "max_length" in err and "missing.json" not in err, err

@@ -287,6 +287,10 @@ def _check_model_options(args: argparse.Namespace) -> None:
     can take minutes to read)."""
     _check_model_arg(args.model)
     _device_type(args.device)
+    if args.template is not None:  # a named template's budgets are known now (a checkpoint's own: once resolved)
+        from tsarank.prompts import PromptTemplate
+
+        PromptTemplate.named(args.template).with_budgets(args.max_doc_tokens, args.max_query_tokens, args.max_length)
     from tsarank.backend import resolve_attn_implementation, resolve_dtype
 
     try:
