@@ -85,7 +85,7 @@ def gfile(tmp_path):
         (["--score_transform", "sigmoid"], "score_transform must be 'prob'"),
         (["--loss", "softmaxx"], "softmax"),
         (["--use_lora", "true", "--train_top_layers", "2"], "use_lora and train_top_layers are both set"),
-        (["--train_group_size", "0"], "train_group_size must be >= 1"),
+        (["--train_group_size", "0"], "train_group_size must be >= 2"),
         (["--temperature", "0"], "temperature and distill_temperature must be > 0"),
         (["--scoring_head", "last_token", "--score_transform", "prob"], "exp(score)/tau explodes"),
         (["--no_such_option", "1"], "unknown option 'no_such_option'"),
