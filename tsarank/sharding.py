@@ -93,11 +93,7 @@ class ScoringGroup:
 
     def all_ok(self, ok: bool) -> bool:
         """True when ``ok`` holds on every process (a collective: every process must call it at the same point)."""
-        if not self.distributed:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+        return all(self.oks(ok))
 
     def oks(self, ok: bool) -> list[bool]:
         """``ok`` of every process, by rank (a collective)."""
@@ -115,13 +111,6 @@ class ScoringGroup:
         t = torch.tensor([value], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
-
-    def sum(self, value: int) -> int:
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return int(t.item())
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():

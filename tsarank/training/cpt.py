@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..distributed import tears_down_process_group
+
 logger = logging.getLogger("tsarank.cpt")
 STAGE = "cpt"
 
@@ -168,19 +170,8 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
         return Path(load_dir)
 
 
+@tears_down_process_group
 def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
-    """The command line's entry: :func:`_main`, then the process group (if any) is torn down before the interpreter
-    exits, so that no communication thread is still running at exit (an abort, exit status -6, under load)."""
-    try:
-        return _main(argv, extra_callbacks)
-    finally:
-        import torch
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
     """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
     the NaN guard's message exits with status 1; Ctrl-C exits with status 130 and says how to resume."""
     from ..errors import DataError

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.formats import iter_jsonl, parse_group
+from ..distributed import tears_down_process_group
 from ..errors import DataError
 from ..losses import requires_teacher
 from ..prompts import LAST_TOKEN, PromptTemplate
@@ -360,19 +361,8 @@ def _copy_head(output_dir: str, load_dir: str) -> None:
         shutil.copy2(src, Path(load_dir) / HEAD_WEIGHTS)
 
 
+@tears_down_process_group
 def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
-    """The command line's entry: :func:`_main`, then the process group (if any) is torn down before the interpreter
-    exits, so that no communication thread is still running at exit (an abort, exit status -6, under load)."""
-    try:
-        return _main(argv, extra_callbacks)
-    finally:
-        import torch
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()) -> int:
     """``train`` for the command line: input errors become one ``error:`` line and exit status 2 (no traceback);
     the NaN guard's message exits with status 1; Ctrl-C exits with status 130 and says how to resume."""
     from ..errors import ModelLoadError
