@@ -147,11 +147,21 @@ def _run_logged(cmd: list[str], log: Path, estimate_s: int, desc: str) -> None:
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         start = time.time()
-        with tqdm(total=estimate_s, desc=desc, unit="s", bar_format="{desc}: {bar} {n:.0f}/~{total}s est.") as bar:
-            while proc.poll() is None:
-                time.sleep(1.0)
-                bar.n = min(time.time() - start, bar.total)
-                bar.refresh()
+        try:
+            with tqdm(total=estimate_s, desc=desc, unit="s", bar_format="{desc}: {bar} {n:.0f}/~{total}s est.") as bar:
+                while proc.poll() is None:
+                    time.sleep(1.0)
+                    bar.n = min(time.time() - start, bar.total)
+                    bar.refresh()
+        except BaseException:
+            # Ctrl-C (or any error) here must not leave the phase running behind the prompt, still writing.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
     if proc.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{desc} failed (exit {proc.returncode}); full log: {log}\n--- last lines ---\n{tail}")

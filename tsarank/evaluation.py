@@ -6,8 +6,10 @@ Measure names are ir_measures' own (``nDCG@10``, ``RR@10``, ``AP``, ``R@100``,
 Which queries count: those in the qrels. A judged query that a run does not
 contain scores 0 (ir_measures' default with its pytrec_eval backend, as
 ``trec_eval -c``); run queries without judgments are ignored. Ties in score
-are ordered by ir_measures' backend (the rank column of a run file is not
-used), exactly as ``trec_eval`` would do with the same file.
+are ordered as ``trec_eval`` orders them (score descending, then docid
+descending; the rank column of a run file is not used) for every measure:
+ir_measures' backends disagree on ties (its ``RR@10`` backend kept input
+order), so the run handed to them has its ties already broken.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import ir_measures
 
 from tsarank.atomic import atomic_path
+from tsarank.data.formats import trec_order
 
 __all__ = ["DEFAULT_MEASURES", "parse_measures", "evaluate", "per_query", "compare", "plot_deltas"]
 
@@ -61,14 +64,34 @@ def parse_measures(names: Sequence[MeasureLike], rel_level: int | None = None) -
                 ) from None
         else:
             measure = name
+        _check_params(measure)
         if rel_level is not None and "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
             measure = measure(rel=rel_level)
         measures.append(measure)
     return measures
 
 
+def _check_params(measure: Any) -> None:
+    """Refuse a cutoff or relevance level the backends would mishandle (``nDCG@0`` aborts inside
+    pytrec_eval's C code, ``RR@0`` is silently 0, ``nDCG@1.5`` is a traceback deep in a backend)."""
+    params = getattr(measure, "params", {}) or {}
+    cutoff = params.get("cutoff")
+    if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 1):
+        raise ValueError(f"measure {measure}: the cutoff after '@' must be a whole number >= 1, got {cutoff!r}")
+    rel = params.get("rel")
+    if rel is not None and (isinstance(rel, bool) or not isinstance(rel, int) or rel < 0):
+        raise ValueError(f"measure {measure}: rel= must be a whole number >= 0 (a qrels grade), got {rel!r}")
+
+
 def _to_ir_run(run: Run) -> dict[str, dict[str, float]]:
-    return {qid: {docid: float(score) for docid, score in ranked} for qid, ranked in run.items()}
+    """The run with each query's ties broken in trec_eval's order and scores replaced by descending ranks
+    (n, n-1, ..., 1), so that every ir_measures backend sees one order, whatever its own tie rule."""
+    out: dict[str, dict[str, float]] = {}
+    for qid, ranked in run.items():
+        ordered = trec_order((docid, float(score)) for docid, score in ranked)
+        n = len(ordered)
+        out[qid] = {docid: float(n - i) for i, (docid, _) in enumerate(ordered)}
+    return out
 
 
 def _to_ir_qrels(qrels: Qrels) -> dict[str, dict[str, int]]:

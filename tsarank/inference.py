@@ -18,7 +18,7 @@ from torch import nn
 from .backend import check_device_available, resolve_dtype
 from .distributed import world
 from .modeling import LastTokenHead, last_token_scores, query_likelihood_scores
-from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, encode_pairs
+from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, check_room, encode_pairs
 from .wrappers import is_zero3_param
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class Ranker:
         self.template = template or PromptTemplate()
         if self.template.scoring_head == LAST_TOKEN and head is None:
             raise ValueError("a last_token template needs its LastTokenHead")
+        check_room(tokenizer, self.template)  # a max_length that leaves no document: now, not at the first score
         self.head = head.to(self.device).eval() if head is not None else None
         positive_int_or_none(max_tokens, "max_tokens")  # 0 used to mean the default silently
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS.get(self.device.type, 8192)

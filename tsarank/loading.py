@@ -121,9 +121,12 @@ def _has_released_reference(name_or_path: str) -> bool:
     return any(name.startswith("init_model.") for name in _weight_names(name_or_path))
 
 
+#: Files of which a checkpoint holds at least one when it carries its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _has_tokenizer(name_or_path: str) -> bool:
-    return any(_fetch(name_or_path, f) is not None for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model"))
+    return any(_fetch(name_or_path, f) is not None for f in TOKENIZER_FILES)
 
 
 def _offline() -> bool:
@@ -142,12 +145,23 @@ def _as_template(template: PromptTemplate | str | None) -> PromptTemplate | None
 
 
 def resolve_checkpoint(name_or_path: str, template: PromptTemplate | str | None = None) -> CheckpointSpec:
-    """Decide what ``name_or_path`` is (see the module docstring).
+    """Decide what ``name_or_path`` is (see the module docstring). Reads only small files (configs, sidecar).
 
     Raises:
-        FileNotFoundError: A path that looks local and does not exist, or a Hub id not in the cache while offline.
+        FileNotFoundError: A path that looks local and does not exist, a Hub id not in the cache while offline, or a
+            local checkpoint without tokenizer files.
         ValueError: A checkpoint tsarank cannot score, or an unknown template name; the message lists the options.
     """
+    spec = _resolve(name_or_path, template)
+    source = spec.tokenizer_source or spec.name_or_path
+    if Path(source).is_dir() and not _has_tokenizer(source):
+        raise FileNotFoundError(f"{source}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}) in this "
+                                "checkpoint directory. Fix: copy them from the model it was trained from "
+                                "(tokenizer.save_pretrained(DIR))")
+    return spec
+
+
+def _resolve(name_or_path: str, template: PromptTemplate | str | None) -> CheckpointSpec:
     explicit = _as_template(template)
     local = Path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or local.exists() or name_or_path.count("/") > 1

@@ -295,6 +295,28 @@ def encode_pairs(
     return out
 
 
+def check_room(tokenizer: Any, template: PromptTemplate) -> int:
+    """A RankingGPT-style ``max_length`` must leave room for a document after the prompt; other styles always do.
+
+    Cheap (tokenizes the prompt once), so callers run it before reading any input.
+
+    Returns:
+        The prompt's length in tokens with special tokens (0 for styles without ``max_length``).
+
+    Raises:
+        ValueError: ``max_length`` minus the prompt and eval.py's margin leaves fewer than 2 tokens.
+    """
+    if template.style != "rankinggpt" or template.max_length is None:
+        return 0
+    # eval.py: passage_max_len = 512 - prompt_len - query_len - 10, both lengths with special tokens.
+    prompt_len = len(tokenizer(template.source)["input_ids"])
+    if template.max_length - prompt_len - RANKINGGPT_MARGIN < 2:
+        raise ValueError(f"max_length {template.max_length} leaves no room for the document: the prompt takes "
+                         f"{prompt_len} tokens and eval.py's margin {RANKINGGPT_MARGIN}, before the query. Fix: "
+                         f"--max-length {prompt_len + RANKINGGPT_MARGIN + 64} or more (eval.py: 512)")
+    return prompt_len
+
+
 def _encode_rankinggpt(
     tokenizer: Any, template: PromptTemplate, queries: Sequence[str], docs: Sequence[str]
 ) -> list[EncodedPair]:
@@ -305,12 +327,7 @@ def _encode_rankinggpt(
           for q, ids in zip(queries, q_ids)]
     budgets = [template.max_doc_tokens] * len(qs)
     if template.max_length is not None:
-        # eval.py: passage_max_len = 512 - prompt_len - query_len - 10, both lengths with special tokens.
-        prompt_len = len(tokenizer(template.source)["input_ids"])
-        if template.max_length - prompt_len - RANKINGGPT_MARGIN < 2:
-            raise ValueError(f"max_length {template.max_length} leaves no room for the document: the prompt takes "
-                             f"{prompt_len} tokens and eval.py's margin {RANKINGGPT_MARGIN}, before the query. Fix: "
-                             f"--max-length {prompt_len + RANKINGGPT_MARGIN + 64} or more (eval.py: 512)")
+        prompt_len = check_room(tokenizer, template)
         query_lens = [len(ids) for ids in tokenizer(qs)["input_ids"]]
         budgets = [min(b, template.max_length - prompt_len - n - RANKINGGPT_MARGIN) for b, n in zip(budgets, query_lens)]
     ds = _truncate_decode(tokenizer, docs, budgets)

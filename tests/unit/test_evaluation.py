@@ -165,3 +165,16 @@ def test_cli_errors(tmp_path, capsys):
     assert f"{qrels}:1:" in err and "6 whitespace-separated columns" in err
     assert _cli(["evaluate", "--run", str(run), "--qrels", str(qrels), "--measures", "bogus@3"]) == 2
     assert "unknown measure" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [("nDCG@0", "cutoff"), ("P@0", "cutoff"), ("RR@0", "cutoff"), ("nDCG@1.5", "cutoff"), ("AP(rel=1.5)", "rel=")],
+)
+def test_cli_refuses_bad_cutoffs_before_reading(tmp_path, capsys, name, needle):
+    """nDCG@0 / P@0 used to abort inside pytrec_eval's C code, RR@0 gave 0, nDCG@1.5 was a traceback."""
+    qrels, run, _ = _write_fixture_files(tmp_path)
+    missing = tmp_path / "missing.trec"  # the measure is refused before any file is read
+    assert _cli(["evaluate", "--run", str(missing), "--qrels", str(qrels), "--measures", name]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and name in err and "Traceback" not in err

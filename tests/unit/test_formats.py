@@ -563,3 +563,16 @@ def test_readers_writers_and_ir_measures_agree_on_tie_order(tmp_path):
     out = tmp_path / "written.trec"
     write_run(out, {"q": [("a", 2.0), ("b", 2.0), ("z", 1.0), ("c", 2.0)]}, top_k=2)
     assert [line.split()[2] for line in out.read_text().splitlines()] == ["c", "b"]
+
+
+@pytest.mark.parametrize("measure", ["RR", "RR@10", "P@1", "nDCG@10", "AP", "R@2"])
+def test_evaluate_breaks_ties_in_trec_eval_order_for_every_measure(measure):
+    """ir_measures' backends disagree on ties (its RR@10 backend kept input order); tsarank's evaluate gives
+    each measure the value it has on the run ranked in trec_eval's order, worked here by hand."""
+    from tsarank.evaluation import evaluate
+
+    # Input order a, b, c (all tied); trec_eval ranks them c, b, a, so the relevant 'a' is third.
+    run = {"q": [("a", 1.0), ("b", 1.0), ("c", 1.0)]}
+    qrels = {"q": {"a": 1, "b": 0}}
+    by_hand = {"RR": 1 / 3, "RR@10": 1 / 3, "P@1": 0.0, "nDCG@10": 0.5, "AP": 1 / 3, "R@2": 0.0}
+    assert evaluate(run, qrels, [measure])[measure] == pytest.approx(by_hand[measure])

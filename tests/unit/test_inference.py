@@ -333,11 +333,16 @@ def test_rerank_command_validates_inputs_before_loading_model(tmp_path, capsys):
     assert "missing --queries, --corpus" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text('[{"query": "q", "hits": [{"qid": 1, "docid": "a"}]}]')
-    # A Hub id passes the up-front model check (only loading can tell): the data error comes before loading it.
+    # The data error comes before loading the model.
+    assert cli("rerank", "--candidates", str(bad), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "bad.json:1" in err and "hits[0].content" in err
+    # A Hub id is resolved from its small files (config, sidecar) before the data is read: offline and not cached,
+    # it is the first error, naming it.
     assert cli("rerank", "--candidates", str(bad), "--model", "no-such-org/no-such-model", "--out",
                str(tmp_path / "o")) == 2
     err = capsys.readouterr().err
-    assert "bad.json:1" in err and "hits[0].content" in err
+    assert "no-such-org/no-such-model: no config.json" in err and "bad.json" not in err
     (tmp_path / "exists.trec").write_text("x\n")
     assert cli("rerank", "--candidates", str(cands), "--out", str(tmp_path / "exists.trec")) == 2
     assert "--overwrite" in capsys.readouterr().err

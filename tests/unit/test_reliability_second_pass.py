@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,10 @@ def test_resume_with_another_model_is_refused(candidates, tiny_checkpoint, tmp_p
                    "--out", str(out)]
     Path(f"{out}.partial").write_text("")  # an interrupted run that had written nothing yet
     Path(f"{out}.partial.json").write_text(json.dumps(run_options(build_parser().parse_args(interrupted))))
+    import shutil
+
     other = tmp_path / "other-model"
-    other.mkdir()
+    shutil.copytree(tiny_checkpoint, other)
     assert cli([*interrupted[:4], str(other), *interrupted[5:], "--resume", "--max-doc-tokens", "16"]) == 2
     err = capsys.readouterr().err
     assert "--resume with other options than the interrupted run" in err
@@ -114,6 +117,8 @@ def test_unwritable_or_wrong_output_places_fail_before_the_work(candidates, tmp_
     ("learning_rate: fast", "learning_rate: expected a number, got str 'fast'"),
     ("per_device_train_batch_size: true", "per_device_train_batch_size: expected an integer, got bool True"),
     ("lr_scheduler_type: cosine_typo", "lr_scheduler_type:"),
+    ("max_steps:", "max_steps: has no value"),  # YAML null used to reach the trainer: a TypeError traceback
+    ("learning_rate:", "learning_rate: has no value"),
 ])
 def test_yaml_values_are_typed_strictly(yaml_line, message, tmp_path, capsys):
     config = tmp_path / "c.yaml"
@@ -122,7 +127,7 @@ def test_yaml_values_are_typed_strictly(yaml_line, message, tmp_path, capsys):
     rc = sft.main(["--config", str(config), "--model_name_or_path", "./no/model", "--train_file",
                    str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and f"{config}: {message}" in err, err
+    assert rc == 2 and f"{config}:1: {message}" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -145,6 +150,11 @@ def test_device_cuda_without_cuda_is_one_line(candidates, tmp_path, capsys):
     assert cli(["rerank", "--candidates", str(candidates), "--device", "cuda", "--out", str(tmp_path / "r.trec")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --device: device 'cuda' asked for, but this machine has") and "\n" not in err
+    # ... before a line of the corpus is read (its second line is broken).
+    inputs = _rerank_inputs_with_a_broken_corpus(tmp_path)
+    assert cli(["rerank", *inputs, "--device", "cuda", "--out", str(tmp_path / "r.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "--device: device 'cuda' asked for" in err and "corpus.tsv" not in err, err
     with pytest.raises(ValueError, match="--device cpu"):
         Ranker.from_pretrained("default", device="cuda")
 
@@ -258,6 +268,16 @@ def test_one_document_costs_its_budget_not_its_length(style, model, tiny_tokeniz
     assert recording.longest <= 4096 + 200  # the tokenizer never saw more than the head of the text
     assert got == pytest.approx(Ranker(model, tiny_tokenizer, template).score("capital of france", [huge[:5000]]),
                                 abs=1e-6)
+
+
+def test_yaml_empty_value_is_none_only_where_the_default_is_none(tmp_path, capsys):
+    """`validation_file:` (null) keeps meaning "none"; a key on a later line is named with its own line."""
+    config = tmp_path / "c.yaml"
+    config.write_text("# comment\nvalidation_file:\n\nmax_steps:\n")
+    rc = sft.main(["--config", str(config), "--model_name_or_path", "./no/model", "--train_file",
+                   str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{config}:4: max_steps: has no value" in err and "validation_file" not in err, err
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
@@ -494,7 +514,7 @@ def test_config_equals_form_is_read_and_retrieve_options_before_the_corpus(tmp_p
     config.write_text("max_steps: 2.5\n")
     for argv in (["--config", str(config)], [f"--config={config}"]):  # `=` used to drop the whole config
         rc = sft.main([*argv, "--report_to", "none"])
-        assert rc == 2 and f"{config}: max_steps: expected an integer, got float 2.5" in capsys.readouterr().err
+        assert rc == 2 and f"{config}:1: max_steps: expected an integer, got float 2.5" in capsys.readouterr().err
     for flags, message in ((["--tag", "my run"], "--tag must be a non-empty word"),
                            (["--stopwords", "klingon"], "--stopwords 'klingon': not a bm25s stop-word list")):
         assert cli(["retrieve", "--corpus", str(tmp_path / "no-such-corpus"), "--queries", str(tmp_path / "q.tsv"),
@@ -639,11 +659,146 @@ def test_add_teacher_scores_checks_before_reading_or_loading(flags, message, tmp
 def test_rankinggpt_max_length_that_leaves_no_document_is_refused(model, tiny_tokenizer, tmp_path, capsys):
     from tsarank.prompts import PromptTemplate
 
-    ranker = Ranker(model, tiny_tokenizer, PromptTemplate.named("rankinggpt", max_length=3))
     with pytest.raises(ValueError, match="max_length 3 leaves no room for the document"):
-        ranker.score("capital of france", DOCS)
+        Ranker(model, tiny_tokenizer, PromptTemplate.named("rankinggpt", max_length=3))  # before any scoring
     # A named template's budgets are checked with the other options, before any input is read.
     assert cli(["rerank", "--candidates", str(tmp_path / "missing.json"), "--template", "tsarank", "--max-length",
                 "512", "--out", str(tmp_path / "o.trec")]) == 2
     err = capsys.readouterr().err
     assert "max_length" in err and "missing.json" not in err, err
+
+
+# ------------------------------------------------------------------------------ the last review's cases
+def _rerank_inputs_with_a_broken_corpus(tmp_path: Path) -> list[str]:
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("d1\tfine text\nd2 no tab here\n")
+    (tmp_path / "q.tsv").write_text("1\tquery\n")
+    (tmp_path / "run.trec").write_text("1 Q0 d1 1 1.0 bm25\n")
+    return ["--run", str(tmp_path / "run.trec"), "--queries", str(tmp_path / "q.tsv"), "--corpus", str(corpus)]
+
+
+def test_checkpoint_template_budgets_and_tokenizer_checked_before_inputs(tmp_path, tiny_checkpoint, capsys):
+    """A checkpoint's own template (its sidecar says rankinggpt) meets --max-length before the corpus is read; a
+    checkpoint without tokenizer files is one line naming it, in rerank, the API and both training stages."""
+    import shutil
+
+    from tsarank.hub import save_tsarank_config
+    from tsarank.prompts import PromptTemplate
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_checkpoint, own)
+    save_tsarank_config(own, PromptTemplate.named("rankinggpt"))
+    inputs = _rerank_inputs_with_a_broken_corpus(tmp_path)
+    assert cli(["rerank", *inputs, "--model", str(own), "--max-length", "3", "--out", str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "max_length 3" in err and "corpus.tsv" not in err and "Traceback" not in err, err
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_checkpoint, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    assert cli(["rerank", *inputs, "--model", str(bare), "--out", str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bare}: no tokenizer files" in err and "corpus.tsv" not in err and "Traceback" not in err, err
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        Ranker.from_pretrained(str(bare))
+    rc = sft.main(_sft_argv(bare, _groups(tmp_path / "g.jsonl"), tmp_path / "o-sft"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--model_name_or_path {bare} has no tokenizer files" in err and "Traceback" not in err, err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"text": "some passage text", "query": "a query"}\n')
+    rc = cpt.main(["--model_name_or_path", str(bare), "--train_file", str(pairs), "--output_dir",
+                   str(tmp_path / "o-cpt"), "--report_to", "none", "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no tokenizer files" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o-sft").exists() and not (tmp_path / "o-cpt").exists()
+    # The frozen reference needs no tokenizer of its own (the policy's is used).
+    from tsarank.training.model_setup import check_model_source
+
+    check_model_source(str(bare), "ref_model_name_or_path", needs_tokenizer=False)
+
+
+@pytest.mark.parametrize("flag", ["--min-chars", "--min-text-tokens", "--min-query-chars"])
+def test_weak_pairs_length_filters_are_range_checked(flag, tmp_path, capsys):
+    groups = _groups(tmp_path / "g.jsonl")
+    out = tmp_path / "pairs"
+    assert cli(["data", "weak-pairs", "--groups", str(groups), "--out", str(out), flag, "-1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be a whole number >= 0, got -1" in err, err
+    assert not out.exists()
+
+
+def test_two_config_flags_are_refused(tmp_path, capsys):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("max_steps: 1\n")
+    b.write_text("max_steps: 2\n")
+    for stage in (sft, cpt):
+        for argv in (["--config", str(a), "--config", str(b)], [f"--config={a}", "--config", str(b)]):
+            assert stage.main([*argv, "--report_to", "none"]) == 2
+            assert "--config is given more than once" in capsys.readouterr().err
+
+
+class _DtypeProbe(_CtrlCAtStep):
+    """Record the dtype the first decoder layer's MLP computes in during training (bf16 under CPU autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__(step=-1)
+        self.dtypes: set[torch.dtype] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layer = next(m for name, m in model.named_modules() if name.endswith("layers.0.mlp"))
+        layer.register_forward_hook(lambda mod, inp, out: self.dtypes.add(out.dtype))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.parametrize("bf16, expected", [("true", torch.bfloat16), ("false", torch.float32)])
+def test_bf16_on_cpu_really_computes_in_bf16_with_fp32_weights(bf16, expected, tmp_path, tiny_checkpoint):
+    probe = _DtypeProbe()
+    argv = _sft_argv(tiny_checkpoint, _groups(tmp_path / "g.jsonl"), tmp_path / "o", bf16=bf16)
+    assert sft.main(argv, extra_callbacks=[probe]) == 0
+    assert probe.dtypes == {expected}
+    # The master weights stay fp32 (autocast, not a bf16 model).
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_ctrl_c_stops_the_running_demo_phase_and_resume_skips_finished_ones(tmp_path, capsys, monkeypatch):
+    import signal
+    import threading
+
+    from tsarank import demo
+
+    # 1. A SIGINT while a phase's subprocess runs: the child is stopped, not left writing behind the prompt.
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    main = threading.get_ident()
+
+    def interrupt_when_child_started():
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            threading.Event().wait(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_child_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        demo._run_logged([demo.sys.executable, "-c", child], tmp_path / "logs" / "x.log", 5, "x")
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+    # 2. Ctrl-C in the demo's second phase: exit 130, the first phase (run for real) is kept and --resume skips it.
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo.Demo, "phase_cpt", interrupted)
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", str(DATA), "--out", str(out)]
+    assert cli(argv) == 130
+    captured = capsys.readouterr()
+    assert f"interrupted: the finished phases are kept in {out}; run the same command with --resume" in captured.err
+    assert "Traceback" not in captured.err and (out / "data" / "weak_pairs" / "train.jsonl").is_file()
+    assert cli([*argv, "--resume"]) == 130
+    assert "[demo] weak_pairs: done earlier, skipped (--resume)" in capsys.readouterr().out

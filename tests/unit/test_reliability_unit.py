@@ -286,10 +286,8 @@ def test_unknown_docids_reported_before_scoring(tmp_path, tiny_checkpoint, capsy
     out = tmp_path / "out.trec"
     base = ["rerank", "--run", str(run), "--queries", str(queries), "--corpus", str(corpus), "--out", str(out)]
 
-    # --strict: the report is an error, before any model is touched (this "model" directory is empty).
-    empty_model = tmp_path / "not_a_model"
-    empty_model.mkdir()
-    assert cli([*base, "--model", str(empty_model), "--strict"]) == 2
+    # --strict: the report is an error, before the model is loaded (only its config files are read up front).
+    assert cli([*base, "--model", str(tiny_checkpoint), "--strict"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == ("error: 7 docid(s) of the run are missing from the corpus (first: m0, m1, m2, m3, m4, ...). "
                            "Fix: pass the corpus the run was retrieved from, or drop --strict to skip them")

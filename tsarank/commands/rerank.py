@@ -287,10 +287,31 @@ def _check_model_options(args: argparse.Namespace) -> None:
     can take minutes to read)."""
     _check_model_arg(args.model)
     _device_type(args.device)
-    if args.template is not None:  # a named template's budgets are known now (a checkpoint's own: once resolved)
+    if args.model != "default":
+        # What the checkpoint is, its tokenizer files and its template's budgets: small files only, before inputs.
+        import logging
+
+        from tsarank.loading import resolve_checkpoint
+
+        quiet = logging.getLogger("tsarank.loading")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the "no tsarank_config.json" warning is said once, when the model loads
+        try:
+            spec = resolve_checkpoint(args.model, args.template)
+        finally:
+            quiet.setLevel(level)
+        chosen = spec.template.with_budgets(args.max_doc_tokens, args.max_query_tokens, args.max_length)
+        if chosen.style == "rankinggpt" and chosen.max_length is not None:  # its room needs the tokenizer (fast)
+            from transformers import AutoTokenizer
+
+            from tsarank.prompts import check_room
+
+            check_room(AutoTokenizer.from_pretrained(spec.tokenizer_source or spec.name_or_path,
+                                                     trust_remote_code=args.trust_remote_code), chosen)
+    else:  # the default model scores with the named "tsarank" template unless told otherwise
         from tsarank.prompts import PromptTemplate
 
-        PromptTemplate.named(args.template).with_budgets(args.max_doc_tokens, args.max_query_tokens, args.max_length)
+        PromptTemplate.named(args.template or "tsarank").with_budgets(args.max_doc_tokens, args.max_query_tokens, args.max_length)
     from tsarank.backend import resolve_attn_implementation, resolve_dtype
 
     try:

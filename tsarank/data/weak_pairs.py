@@ -215,6 +215,10 @@ def build_weak_pairs(
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if max_pairs is not None and max_pairs < 1:
         raise ValueError(f"--max-pairs must be >= 1, got {max_pairs}")
+    for name, value in (("min_chars", min_chars), ("min_text_tokens", min_text_tokens),
+                        ("min_query_chars", min_query_chars)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {value!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")

@@ -302,10 +302,16 @@ def _coerce_yaml_value(path: str, key: str, value: Any, action: Any) -> Any:
     Raises:
         OptionError: ``max_steps: 2.5``, ``learning_rate: fast``, ``bf16: maybe``...; the message names file and key.
     """
-    kind = action.type
-    if value is None or kind is None or action.nargs not in (None, "?"):
-        return value
     where = f"{path}: {key}"
+    if value is None:
+        # `max_steps:` with nothing after it is YAML null; only an option whose own default is "none" takes it.
+        if action.default is None:
+            return None
+        raise OptionError(f"{where}: has no value (YAML reads an empty value as null); give one, e.g. "
+                          f"'{key}: {action.default}', or delete the line to keep the default")
+    kind = action.type
+    if kind is None or action.nargs not in (None, "?"):
+        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise OptionError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
@@ -361,10 +367,21 @@ def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
         raise OptionError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):
         raise OptionError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    lines = _key_lines(raw.decode("utf-8"))
     for key in data:
         if key not in valid:
-            raise OptionError(unknown_key_message(key, valid, path))
+            raise OptionError(unknown_key_message(key, valid, f"{path}:{lines.get(key, '?')}"))
     return data
+
+
+def _key_lines(text: str) -> dict[Any, int]:
+    """1-based line of each top-level key, so errors can name ``file:line``."""
+    import yaml
+
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
 def parse_stage_args(
@@ -404,11 +421,13 @@ def parse_stage_args(
         if not config_path:
             raise OptionError("--config needs a YAML file path")
     values = load_yaml(config_path, valid) if config_path else {}
+    lines = _key_lines(Path(config_path).read_bytes().decode("utf-8")) if values else {}
     # YAML values become parser defaults, so any flag given on the command line still wins.
     for action in parser._actions:
         if action.dest in values:
             action.required = False
-            action.default = _coerce_yaml_value(config_path, action.dest, values[action.dest], action)
+            where = f"{config_path}:{lines.get(action.dest, '?')}"
+            action.default = _coerce_yaml_value(where, action.dest, values[action.dest], action)
     *instances, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         bad = remaining[0].lstrip("-").split("=")[0]

@@ -47,17 +47,23 @@ def looks_like_hub_id(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
 
 
-def check_model_source(value: str | None, flag: str) -> None:
+def check_model_source(value: str | None, flag: str, needs_tokenizer: bool = True) -> None:
     """Before anything loads: a model option names ``default``, a Hub id ``ORG/NAME``, or a directory holding a
     causal LM (``config.json`` with a ``*ForCausalLM`` / ``*LMHeadModel`` architecture).
 
+    Args:
+        value: The option's value.
+        flag: The option's name, for messages.
+        needs_tokenizer: The tokenizer is read from this model too (the policy, not the frozen reference).
+
     Raises:
         OptionError: A missing path, a file, a directory without ``config.json`` (a LoRA adapter is named as such),
-            or another kind of model; the message names the option.
+            another kind of model, or no tokenizer files where one is needed; the message names the option.
     """
     import json
     from pathlib import Path
 
+    from ..loading import TOKENIZER_FILES
     from .arguments import OptionError
 
     if not value or value == "default":
@@ -79,6 +85,9 @@ def check_model_source(value: str | None, flag: str) -> None:
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise OptionError(f"--{flag} {value} is a {', '.join(archs)} checkpoint; both stages train a causal LM "
                           "(a *ForCausalLM architecture)")
+    if needs_tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise OptionError(f"--{flag} {value} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                          "copy them from the model it was trained from (tokenizer.save_pretrained(DIR))")
 
 
 def load_tokenizer(name_or_path: str) -> Any:

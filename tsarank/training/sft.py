@@ -95,7 +95,9 @@ def validate_options(model_args: ModelArguments, data_args: DataArguments, sft_a
                         ("ref_model_name_or_path", sft_args.ref_model_name_or_path),
                         ("init_from", sft_args.init_from)):
         if flag != "init_from" or (value and Path(value).exists()):  # a missing init_from: its own advice above
-            check_model_source(value, flag)
+            # The tokenizer comes from --init_from when given, else from the base model.
+            tokenizer_here = flag == ("init_from" if sft_args.init_from else "model_name_or_path")
+            check_model_source(value, flag, needs_tokenizer=tokenizer_here)
         elif value and not Path(value).exists() and not looks_like_hub_id(value):
             raise OptionError(f"--{flag} {value}: no such directory (and not a Hub id ORG/NAME)")
     if sft_args.lambda_dp == 0 and sft_args.ref_model_name_or_path:
