@@ -55,7 +55,8 @@ def _measure_key(m: Any) -> str:
     return s.replace("(rel=2)", "").replace("(rel=1)", "")
 
 
-def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset: Any, desc: str = "evaluate") -> dict:
+def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset: Any, desc: str = "evaluate",
+                     dtype: str = "auto") -> dict:
     """Evaluate BM25 and each model on every dataset.
 
     Args:
@@ -63,6 +64,9 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
         runs_dir: Where the TREC runs are written (``{dataset}.{system}.trec``).
         models: ``{system: checkpoint path or "default"}``.
         preset: A demo preset (``top_k``, ``max_queries``).
+        desc: Label of the progress bar.
+        dtype: The models' weights: ``"auto"`` is bf16 on a GPU and on CPUs with AVX512-BF16 / AMX (2.3x the docs/s at
+            the same DL19 nDCG@10 there, BENCHMARKS.md), fp32 elsewhere.
 
     Returns:
         ``{dataset: {system: {measure: value}}, "significance": {dataset: {system: {measure: p}}},
@@ -70,7 +74,6 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
         "setup": {dataset: {"queries": n, "top_k": k}, "shared_blocks": n}}`` (``shared_blocks``: decoder
         blocks run once for all models, see :mod:`tsarank.shared_trunk`).
     """
-    import torch
     from tqdm import tqdm
 
     from .default_model import default_model_path
@@ -88,8 +91,7 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
     pairs = [(c.query, t) for ds in cands for c in cands[ds] for t in c.texts]
     rankers = []
     for path in models.values():
-        ranker = Ranker.from_pretrained(str(default_model_path()) if path == "default" else path, dtype="float32"
-                                        if not torch.cuda.is_available() else None)
+        ranker = Ranker.from_pretrained(str(default_model_path()) if path == "default" else path, dtype=dtype)
         # Every system reads the same document budget (the one the stages train with): the default model's own
         # template allows 256 tokens, which alone moved zero-shot DL19 nDCG@10 by about 0.02 against 128-token
         # checkpoints in a measured run, an unfair comparison.

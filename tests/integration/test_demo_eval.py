@@ -50,7 +50,7 @@ def checkpoints(tmp_path_factory, tiny_tokenizer):
 
 def test_demo_evaluation_and_report(checkpoints, shared_data, tmp_path):
     runs_dir = tmp_path / "runs"
-    results = evaluate_systems(shared_data, runs_dir, checkpoints, PRESET)
+    results = evaluate_systems(shared_data, runs_dir, checkpoints, PRESET, dtype="float32")  # as the references
     assert results["setup"]["shared_blocks"] == 2  # embeddings + 2 of 3 blocks are common to all three
 
     for ds, depth in (("dl19", 5), ("scifact", 4), ("nfcorpus", 4)):
@@ -112,7 +112,7 @@ def test_demo_evaluation_with_last_token_sft(checkpoints, shared_data, tmp_path)
     systems = {"zero_shot": checkpoints["zero_shot"], "cpt": checkpoints["cpt"], "sft": str(sft_dir)}
     preset = dataclasses.replace(PRESET, max_queries={"dl19": 2, "scifact": 1, "nfcorpus": 1},
                                  sft_scoring_head="last_token")
-    results = evaluate_systems(shared_data, tmp_path / "runs", systems, preset)
+    results = evaluate_systems(shared_data, tmp_path / "runs", systems, preset, dtype="float32")
     assert results["setup"]["shared_blocks"] == 2  # zero-shot and M_cpt still share theirs
 
     ranker = Ranker.from_pretrained(str(sft_dir), dtype="float32")

@@ -32,6 +32,7 @@ COMMON = dict(
     model_name_or_path="default", dtype="float32", train_top_layers=2, max_doc_tokens=64, max_query_tokens=32,
     learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_steps=2, logging_steps=1,
     save_strategy="no", report_to="none", seed=7, train_sampling_strategy="sequential", dataloader_num_workers=0,
+    bf16="false",  # both sides fp32 (unset would be bf16 autocast for the one process on CPUs with AMX)
 )
 
 

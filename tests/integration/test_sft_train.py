@@ -67,6 +67,7 @@ def _args(model, train_file, out, **overrides) -> list[str]:
         max_doc_tokens=48, max_query_tokens=16, temperature=1.0, score_transform="logprob", lambda_gen=1.0,
         lambda_dp=1.0, max_steps=4, learning_rate=1e-3, per_device_train_batch_size=1, logging_steps=1,
         save_strategy="no", report_to="none", seed=7, dataloader_num_workers=0,
+        bf16="false",  # fp32 like the references (unset is bf16 autocast on CPUs with AMX / AVX512-BF16)
     )
     opts.update(overrides)
     argv = []
@@ -212,7 +213,7 @@ def test_default_model_from_cpt_checkpoint_on_msmarco_sample(shared_data, defaul
         "--model_name_or_path", "default", "--train_file", str(shared_data / "weak-pairs" / "rankinggpt_text_pairs.json"),
         "--output_dir", str(m_cpt), "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-5",
         "--max_doc_tokens", "64", "--max_query_tokens", "16", "--train_top_layers", "2", "--report_to", "none",
-        "--save_strategy", "no", "--logging_steps", "1",
+        "--save_strategy", "no", "--logging_steps", "1", "--bf16", "false",
     ]) == 0
 
     data = shared_data / "msmarco-train-sample" / "rankinggpt_msmarco.json"

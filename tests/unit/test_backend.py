@@ -22,6 +22,7 @@ def gpu(monkeypatch):
         monkeypatch.setattr(backend, "flash_attn_available", lambda: flash)
         # torch's own check counts emulation (True on V100/T4 with recent CUDA): it must not decide.
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        monkeypatch.setattr(backend, "cpu_bf16_flags", lambda: set())  # a host CPU without bf16 instructions
 
     return set_gpu
 
@@ -88,3 +89,47 @@ def test_training_attention_uses_the_autocast_dtype(gpu):
         == "flash_attention_2"
     fp32_args = SimpleNamespace(bf16=False, fp16=False)
     assert resolve_attn_implementation("auto", "cuda", training_compute_dtype(torch.float32, fp32_args)) == "sdpa"
+
+
+def test_cpu_bf16_flags_read_from_proc_cpuinfo():
+    """Against an independent reading of the same file: the flags line of every processor, split by hand."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        assert backend.cpu_bf16_flags() == set()
+        return
+    flag_lines = [line for line in info.read_text().splitlines() if line.split(":")[0].strip() == "flags"]
+    expected = {f for f in ("avx512_bf16", "amx_bf16") if f" {f} " in f" {flag_lines[0].split(':', 1)[1]} "}
+    assert backend.cpu_bf16_flags() == expected
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (set(), torch.float32),  # AVX2-only or AVX512 without BF16: bf16 would be emulated, slower
+    ({"avx512_bf16"}, torch.bfloat16),  # Cooper Lake, Zen 4
+    ({"amx_bf16"}, torch.bfloat16),  # Sapphire Rapids and newer
+    ({"avx512_bf16", "amx_bf16"}, torch.bfloat16),
+])
+def test_auto_dtype_on_cpu_follows_its_bf16_instructions(monkeypatch, flags, expected):
+    monkeypatch.setattr(backend, "cpu_bf16_flags", lambda: flags)
+    assert resolve_dtype("auto", "cpu") == expected and resolve_dtype(None, torch.device("cpu")) == expected
+    assert resolve_dtype("float32", "cpu") == torch.float32  # explicit wins
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only rule")
+@pytest.mark.parametrize("flags", [set(), {"amx_bf16"}])
+def test_unset_bf16_trains_in_bf16_on_cpus_that_have_it(monkeypatch, tmp_path, flags):
+    from tsarank.training.arguments import TsarankTrainingArguments, parse_stage_args
+
+    monkeypatch.setattr(backend, "cpu_bf16_flags", lambda: flags)
+    base = ["--output_dir", str(tmp_path / "o"), "--report_to", "none"]
+    (unset,) = parse_stage_args([TsarankTrainingArguments], base)
+    assert unset.bf16 is bool(flags)
+    for given, value in ((["--bf16", "false"], False), (["--bf16"], True), (["--bf16", "true"], True)):
+        (args,) = parse_stage_args([TsarankTrainingArguments], [*base, *given])
+        assert args.bf16 is value  # an explicit choice always wins
+    config = tmp_path / "c.yaml"
+    config.write_text("bf16: false\n")
+    (args,) = parse_stage_args([TsarankTrainingArguments], [*base, "--config", str(config)])
+    assert args.bf16 is False

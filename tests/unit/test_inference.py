@@ -201,7 +201,7 @@ def test_flash_attention_without_flash_attn_is_clear_error(tiny_checkpoint):
     with pytest.raises(ValueError, match="flash-attn"):
         resolve_attn_implementation("flash_attention_2", "cpu")
     with pytest.raises(ValueError, match="flash-attn"):
-        Ranker.from_pretrained(str(tiny_checkpoint), attn_implementation="flash_attention_2", device="cpu")
+        Ranker.from_pretrained(str(tiny_checkpoint), attn_implementation="flash_attention_2", device="cpu", dtype="float32")
     assert resolve_attn_implementation("auto", "cpu") == "sdpa"
 
 
@@ -211,7 +211,13 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 def test_from_pretrained_without_sidecar_uses_defaults(tiny_checkpoint, model, tiny_tokenizer):
-    ranker = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu")
+    from tsarank import backend
+
+    auto = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu")
+    # dtype auto: bf16 on a CPU with AVX512-BF16 / AMX, fp32 on other CPUs.
+    assert auto.model.dtype == (torch.bfloat16 if backend.cpu_bf16_flags() else torch.float32)
+    # Against the fp32 brute force, in fp32.
+    ranker = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32")
     assert ranker.template == PromptTemplate()
     assert ranker.model.dtype == torch.float32 and ranker.device.type == "cpu"
     # The saved tiny checkpoint is build_tiny_llama(seed=0), the same weights as the fixture.
@@ -224,7 +230,7 @@ def test_from_pretrained_reads_template_sidecar(tiny_checkpoint, model, tiny_tok
     template = PromptTemplate(source="Passage: {doc} Question:", target=" {query}", max_doc_tokens=9, max_query_tokens=4)
     save_tsarank_config(ckpt, template, stage="sft", base_model="tiny")
     assert load_tsarank_config(ckpt)["template"] == template
-    ranker = Ranker.from_pretrained(str(ckpt), device="cpu")
+    ranker = Ranker.from_pretrained(str(ckpt), device="cpu", dtype="float32")
     assert ranker.template == template
     want = brute_force_scores(model, tiny_tokenizer, template, QUERY, DOCS)
     assert max_diff(ranker.score(QUERY, DOCS), want) < 1e-5
@@ -237,7 +243,7 @@ def test_last_token_checkpoint_round_trip(tiny_checkpoint, model, tiny_tokenizer
     head.save(str(ckpt))
     template = PromptTemplate.last_token(max_doc_tokens=20)
     save_tsarank_config(ckpt, template, stage="sft")
-    ranker = Ranker.from_pretrained(str(ckpt), device="cpu")
+    ranker = Ranker.from_pretrained(str(ckpt), device="cpu", dtype="float32")
     assert ranker.template.scoring_head == "last_token" and ranker.head is not None
     got = ranker.score(QUERY, DOCS)
     want = brute_force_last_token(model, head, tiny_tokenizer, template, QUERY, DOCS)
@@ -245,7 +251,7 @@ def test_last_token_checkpoint_round_trip(tiny_checkpoint, model, tiny_tokenizer
     # Missing head weights are an error, not random scores.
     (ckpt / "tsarank_head.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="tsarank_head"):
-        Ranker.from_pretrained(str(ckpt), device="cpu")
+        Ranker.from_pretrained(str(ckpt), device="cpu", dtype="float32")
 
 
 def test_lora_adapter_directory(tiny_checkpoint, tiny_tokenizer, tmp_path):
@@ -267,7 +273,7 @@ def test_lora_adapter_directory(tiny_checkpoint, tiny_tokenizer, tmp_path):
     base_scores = brute_force_scores(plain_base, tiny_tokenizer, PromptTemplate(), QUERY, DOCS)
     assert max_diff(want, base_scores) > 1e-3  # the adapter changes the scores
 
-    ranker = Ranker.from_pretrained(str(adapter_dir), device="cpu")
+    ranker = Ranker.from_pretrained(str(adapter_dir), device="cpu", dtype="float32")
     assert max_diff(ranker.score(QUERY, DOCS), want) < 1e-5
 
 
@@ -365,7 +371,8 @@ def _interrupted_run_options(out: Path, argv: list[str]) -> None:
 def test_rerank_command_output_and_resume(tiny_checkpoint, tiny_tokenizer, model, tmp_path, capsys):
     cands = tmp_path / "cands.json"
     entries = write_candidates(cands)
-    args = ["rerank", "--candidates", str(cands), "--model", str(tiny_checkpoint), "--chunk-docs", "3", "--tag", "tiny"]
+    args = ["rerank", "--candidates", str(cands), "--model", str(tiny_checkpoint), "--chunk-docs", "3", "--tag", "tiny",
+            "--dtype", "float32"]
     full = tmp_path / "full.trec"
     assert cli(*args, "--out", str(full)) == 0
     lines = full.read_text().splitlines(keepends=True)
@@ -414,20 +421,20 @@ def test_from_pretrained_budgets_and_named_template(tiny_checkpoint, model, tiny
     import logging
 
     with caplog.at_level(logging.WARNING, logger="tsarank.loading"):
-        plain = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu")
+        plain = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32")
     assert plain.checkpoint_kind == "causal_lm" and "no tsarank_config.json" in caplog.text
     assert "--template rankinggpt" in caplog.text
-    ranker = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", max_doc_tokens=5, max_query_tokens=3)
+    ranker = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32", max_doc_tokens=5, max_query_tokens=3)
     want_template = PromptTemplate(max_doc_tokens=5, max_query_tokens=3)
     assert ranker.template == want_template
     assert max_diff(ranker.score(QUERY, DOCS), brute_force_scores(model, tiny_tokenizer, want_template, QUERY, DOCS)) < 1e-5
     assert max_diff(ranker.score(QUERY, DOCS), plain.score(QUERY, DOCS)) > 1e-3  # the budgets changed the inputs
-    rgpt = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", template="rankinggpt", max_length=40)
+    rgpt = Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32", template="rankinggpt", max_length=40)
     assert (rgpt.template.style, rgpt.template.max_length) == ("rankinggpt", 40)
     with pytest.raises(ValueError, match="rankinggpt style only"):
-        Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", max_length=40)
+        Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32", max_length=40)
     with pytest.raises(ValueError, match="unknown template 'rankgpt'"):
-        Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", template="rankgpt")
+        Ranker.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32", template="rankgpt")
 
 
 def test_released_sft_checkpoint_recognised_by_its_weights(tiny_checkpoint, tmp_path):
@@ -439,5 +446,5 @@ def test_released_sft_checkpoint_recognised_by_its_weights(tiny_checkpoint, tmp_
     weights = load_file(str(ckpt / "model.safetensors"))
     weights.update({f"init_model.{k}": v.clone() for k, v in weights.items()})
     save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    ranker = Ranker.from_pretrained(str(ckpt), device="cpu")
+    ranker = Ranker.from_pretrained(str(ckpt), device="cpu", dtype="float32")
     assert ranker.checkpoint_kind == "rankinggpt" and ranker.template == PromptTemplate.named("rankinggpt")

@@ -250,7 +250,7 @@ def test_mojibake_and_non_latin_round_trip_through_rerank(tmp_path, tiny_checkpo
                    encoding="utf-8")
     out = tmp_path / "rerank.trec"
     rc = cli(["rerank", "--run", str(run), "--queries", str(qfile), "--corpus", str(corpus), "--out", str(out),
-              "--model", str(tiny_checkpoint)])
+              "--model", str(tiny_checkpoint), "--dtype", "float32"])
     assert rc == 0, capsys.readouterr().err
     lines = out.read_bytes().decode("utf-8").splitlines()
     assert len(lines) == len(queries) * len(docs)

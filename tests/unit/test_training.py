@@ -195,7 +195,8 @@ def _dataset(tok, n_repeat=2):
 def _trainer(cls, model, tok, out, **kw):
     args = TsarankTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, report_to=[],
-        remove_unused_columns=False, use_cpu=True, dataloader_pin_memory=False, save_strategy="steps", **kw,
+        remove_unused_columns=False, use_cpu=True, dataloader_pin_memory=False, save_strategy="steps",
+        **{"bf16": False, **kw},  # fp32, as the brute-force references (unset would pick bf16 on CPUs with AMX)
     )
     return cls(model=model, args=args, train_dataset=_dataset(tok), data_collator=CPTCollator(tok.pad_token_id),
                processing_class=tok)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..demo import PRESETS, Demo, prepare_out_dir, resolve_data_dir
+    from ..demo import PRESETS, Demo, for_this_machine, prepare_out_dir, resolve_data_dir
 
     try:
         data = resolve_data_dir(args.data)  # fail before touching the output directory
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:  # no data; a non-empty, unwritable or file --out
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    preset = dataclasses.replace(PRESETS[args.preset], sft_scoring_head=args.scoring_head)
+    preset = dataclasses.replace(for_this_machine(PRESETS[args.preset]), sft_scoring_head=args.scoring_head)
     try:
         Demo(out, preset, data).run()
     except ValueError as exc:  # a resumed demo with other settings
