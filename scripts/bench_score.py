@@ -14,6 +14,12 @@ Phases, all on the same encoded inputs (``encode_pairs``, so every phase sees th
   batches the Ranker uses (``plan_batches`` with its ``max_tokens``). ``ranker / floor`` is the cost of
   everything that is not the body.
 
+``--processes N`` adds a scaling phase over ``--process-queries`` DL19 queries x ``--docs`` candidates: the
+Ranker in fresh processes, each scoring its share of the queries (split by estimated tokens, longest first, as
+``tsarank rerank`` on several devices splits them), timed from a barrier all of them reach with the model loaded:
+``1x1`` (1 process, 1 thread), ``1xN`` (1 process, N threads) and ``Nx1`` (N processes, 1 thread each). The
+scores of ``Nx1`` must equal those of ``1x1``.
+
 Each phase is warmed up once, then timed ``--repeats`` times, interleaved (baseline, ranker, floor, baseline,
 ...), and the best time is kept, which is the most robust statistic on a shared machine. Peak memory is the
 RSS high-water mark during a phase (``/proc/self/clear_refs`` + ``VmHWM``, after ``malloc_trim`` so that memory
@@ -22,6 +28,7 @@ process. The last line is ``RESULT {json}``.
 
     python scripts/bench_score.py                       # 2 queries x 100 docs, 3 repeats
     python scripts/bench_score.py --sweep-max-tokens 1024 2048 4096 8192
+    python scripts/bench_score.py --processes 2      # also 1 vs 2 processes vs 2 threads
 """
 
 from __future__ import annotations
@@ -113,6 +120,65 @@ def load_pairs(n_queries: int, n_docs: int) -> list[tuple[str, str]]:
     return [(entry["query"], hit["content"]) for entry in data[:n_queries] for hit in entry["hits"][:n_docs]]
 
 
+# ------------------------------------------------------------------------------------------------ processes
+Chunk = tuple[int, list[tuple[str, str]]]  # (index, one query's pairs)
+
+
+def _process_worker(path: str, chunks: list[Chunk], threads: int, barrier, results) -> None:
+    """One scoring process: load the Ranker, wait for the others, score its chunks."""
+    torch.set_num_threads(threads)
+    from tsarank.inference import Ranker
+
+    ranker = Ranker.from_pretrained(path, dtype="float32")
+    ranker.score_pairs(chunks[0][1][:4])  # warm-up, out of the timing
+    barrier.wait()
+    start = time.perf_counter()
+    scores = {i: ranker.score_pairs(pairs) for i, pairs in chunks}
+    results.put((start, time.perf_counter(), scores))
+
+
+def _run_processes(path: str, shares: list[list[Chunk]], threads: int) -> tuple[float, dict[int, list[float]]]:
+    """Wall seconds from the common barrier to the last process's end, and the scores of every chunk."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(len(shares)), ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, args=(path, share, threads, barrier, results)) for share in shares]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=3600) for _ in procs]
+    for proc in procs:
+        proc.join()
+        if proc.exitcode != 0:
+            sys.exit(f"error: a scoring process exited {proc.exitcode}")
+    scores = {i: s for _, _, part in got for i, s in part.items()}
+    return max(end for _, end, _ in got) - min(start for start, _, _ in got), scores
+
+
+def bench_processes(path: str, n_queries: int, n_docs: int, world: int, repeats: int) -> dict[str, object]:
+    """docs/s of 1 process x 1 thread, 1 process x ``world`` threads and ``world`` processes x 1 thread."""
+    from tsarank.sharding import assign_chunks, chunk_cost
+
+    pairs = load_pairs(n_queries, n_docs)
+    chunks: list[Chunk] = [(i, pairs[s : s + n_docs]) for i, s in enumerate(range(0, len(pairs), n_docs))]
+    costs = [chunk_cost(c[0][0], [d for _, d in c], doc_chars=4 * 256) for _, c in chunks]
+    split = [[chunks[i] for i in idx] for idx in assign_chunks(costs, world)]
+    setups = {"1x1": ([chunks], 1), f"1x{world}": ([chunks], world), f"{world}x1": (split, 1)}
+    best: dict[str, float] = {}
+    scores: dict[str, dict[int, list[float]]] = {}
+    for _ in range(repeats):
+        for name, (shares, threads) in setups.items():
+            seconds, scores[name] = _run_processes(path, shares, threads)
+            best[name] = min(best.get(name, float("inf")), seconds)
+            print(f"  processes x threads {name:5s} {seconds:7.2f} s  {len(pairs) / seconds:6.2f} docs/s", flush=True)
+    diff = max(abs(a - b) for i in scores["1x1"] for a, b in zip(scores["1x1"][i], scores[f"{world}x1"][i]))
+    return {"process_pairs": len(pairs), "world": world,
+            **{f"docs_per_s_{k}": round(len(pairs) / v, 3) for k, v in best.items()},
+            "process_speedup_over_1x1": round(best["1x1"] / best[f"{world}x1"], 3),
+            "process_speedup_over_threads": round(best[f"1x{world}"] / best[f"{world}x1"], 3),
+            "process_max_abs_diff": float(f"{diff:.3g}")}
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -124,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-batch-size", type=int, default=8, help="paper's eval batch size (default 8)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--processes", type=int, default=0, metavar="N",
+                    help="also time N processes x 1 thread against 1 process with 1 and with N threads (default off)")
+    ap.add_argument("--process-queries", type=int, default=8,
+                    help="DL19 queries (x --docs) of the --processes phase (default 8)")
     ap.add_argument("--sweep-max-tokens", type=int, nargs="*", default=None, metavar="N",
                     help="also time the Ranker at these token budgets (informational)")
     args = ap.parse_args(argv)
@@ -220,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
             sweep[mt] = min(_timed(lambda: ranker.score_pairs(pairs)) for _ in range(args.repeats))
             print(f"  max_tokens {mt:6d}: {n / sweep[mt]:6.2f} docs/s", flush=True)
         result["sweep_docs_per_s"] = {str(k): round(n / v, 3) for k, v in sweep.items()}
+
+    if args.processes > 1:
+        result.update(bench_processes(path, args.process_queries, args.docs, args.processes, args.repeats))
+        w = args.processes
+        print(f"{w} processes x 1 thread: {result[f'docs_per_s_{w}x1']:.2f} docs/s, x{result['process_speedup_over_1x1']:.2f} "
+              f"over 1 process x 1 thread, x{result['process_speedup_over_threads']:.2f} over 1 process x {w} threads "
+              f"(max |score diff| {result['process_max_abs_diff']:.1e})")
 
     print(f"baseline (batches of {args.baseline_batch_size}, full logits): {n / best['baseline']:.2f} docs/s, "
           f"peak RSS {peak['baseline']:.0f} MB (+{growth['baseline']:.0f} MB)")

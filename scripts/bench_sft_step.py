@@ -292,12 +292,15 @@ def _subprocess(args: list[str], env: dict | None = None) -> dict:
 
 
 def main() -> int:
+    global G
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up each)")
     parser.add_argument("--top-layers", type=int, default=8, help="N of the shared-prefix reference measurement")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--group-size", type=int, default=G, help=f"documents per query, G (default {G})")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: memory:<variant> | timing
     args = parser.parse_args()
+    G = args.group_size
     if args.device is None:
         import torch
 
@@ -310,7 +313,8 @@ def main() -> int:
         print("PART " + json.dumps(out), flush=True)
         return 0
 
-    common = ["--device", args.device, "--repeats", str(args.repeats), "--top-layers", str(args.top_layers)]
+    common = ["--device", args.device, "--repeats", str(args.repeats), "--top-layers", str(args.top_layers),
+              "--group-size", str(G)]
     # Memory: one fresh process per variant. Every allocation of 64 KiB or more gets its own mmap, so RSS follows
     # the live tensors (glibc's heap would otherwise keep freed blocks and blur the peaks).
     mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

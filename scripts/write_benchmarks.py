@@ -36,7 +36,6 @@ from typing import Any, Callable
 from tsarank.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench_all:begin -->", "<!-- bench_all:end -->"
 TITLE = "# Benchmarks\n"
 
 Row = tuple[str, str, str, str, str]  # figure, tsarank, baseline, ratio, reading
@@ -230,7 +229,53 @@ def zero3_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
     return table(rows), headline, setup
 
 
+def bf16_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_cpu_bf16.py``: bf16 weights (scoring) and bf16 autocast (training) against fp32 on this CPU."""
+    rows: list[Row] = [
+        ("scoring throughput, docs/s", num(r.get("docs_per_s_bf16")), num(r.get("docs_per_s_fp32")),
+         ratio(r.get("score_speedup")), "bf16 / fp32 (higher is better)"),
+        ("DL19 nDCG@10 of the re-ranked run", num(r.get("ndcg10_bf16"), 4), num(r.get("ndcg10_fp32"), 4),
+         f"{r.get('ndcg_delta', 0):+.4f}", "bf16 - fp32 (dtype auto picks bf16 only when within 0.005)"),
+        ("SFT step, s (quick config)", num(r.get("s_per_step_bf16")), num(r.get("s_per_step_fp32")),
+         ratio(r.get("train_speedup")), "fp32 time / bf16-autocast time (higher is better)"),
+    ]
+    flags = ", ".join(r.get("bf16_flags") or []) or "none"
+    setup = (f"CPU: {r.get('cpu', '?')} (model number {r.get('cpu_model_number', '?')}), bf16 instructions: {flags}; "
+             f"{r.get('threads', '?')} threads, torch {r.get('torch', '?')}. Scoring: `Ranker.default` re-ranks DL19's BM25 "
+             f"top-{r.get('depth', '?')} ({r.get('pairs', '?')} pairs, {r.get('queries', '?')} queries), bf16 weights vs "
+             f"fp32 weights. Training: {r.get('train_steps', '?')} steps of `tsarank train sft` with "
+             "sft/configs/smollm2_quick.yaml, `--bf16 true` (CPU autocast, fp32 master weights) vs `--bf16 false`, "
+             "median step after the first.")
+    headline = [f"bf16 on this CPU ({flags}): scoring **{ratio(r.get('score_speedup'))}** the docs/s of fp32 at DL19 "
+                f"nDCG@10 {num(r.get('ndcg10_bf16'), 4)} vs {num(r.get('ndcg10_fp32'), 4)}; an SFT step "
+                f"{ratio(r.get('train_speedup'))} faster under bf16 autocast"]
+    return table(rows), headline, setup
+
+
+def processes_section(r: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``scripts/bench_score.py --processes N``: N scoring processes x 1 thread vs 1 process with 1 and N threads."""
+    w = r.get("world", 2)
+    one, threads, procs = r.get("docs_per_s_1x1"), r.get(f"docs_per_s_1x{w}"), r.get(f"docs_per_s_{w}x1")
+    rows: list[Row] = [
+        (f"{w} processes x 1 thread, docs/s", num(procs), num(one), ratio(r.get("process_speedup_over_1x1")),
+         "vs 1 process x 1 thread (higher is better)"),
+        (f"{w} processes x 1 thread, docs/s", num(procs), num(threads), ratio(r.get("process_speedup_over_threads")),
+         f"vs 1 process x {w} threads (higher is better)"),
+        (f"1 process x {w} threads, docs/s", num(threads), num(one), ratio(div(threads, one)),
+         "what threads alone give"),
+        ("max abs score difference", num(r.get("process_max_abs_diff")), "0", "-", "sharded scores vs one process"),
+    ]
+    setup = (f"{r.get('process_pairs', '?')} DL19 (query, passage) pairs, default model, fp32; each setup in fresh "
+             "processes timed from a barrier all reach with the model loaded; the queries split by estimated tokens "
+             "(longest first), as `tsarank rerank --devices` splits them.")
+    headline = [f"scoring on {w} processes x 1 thread: {ratio(r.get('process_speedup_over_1x1'))} one process x 1 thread, "
+                f"{ratio(r.get('process_speedup_over_threads'))} one process x {w} threads"]
+    return table(rows), headline, setup
+
+
 SECTIONS: dict[str, tuple[str, str, Callable[[dict[str, Any]], tuple[str, list[str], str]]]] = {
+    "bf16": ("bf16 against fp32 on this CPU", "scripts/bench_cpu_bf16.py", bf16_section),
+    "processes": ("Scoring on several processes", "scripts/bench_score.py --processes 2", processes_section),
     "score": ("Scoring (inference)", "scripts/bench_score.py", score_section),
     "cpt": ("Stage 1 (CPT) training throughput", "scripts/bench_cpt.py", cpt_section),
     "sft": ("Stage 2 (SFT) step: memory and time", "scripts/bench_sft_step.py", sft_section),
@@ -295,14 +340,22 @@ def machine() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ document
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+
+
 def render(results: list[tuple[str, dict[str, Any], str]], info: dict[str, str], started: str | None,
-           finished: str | None, loadavg: str | None) -> str:
+           finished: str | None, loadavg: str | None, block: str = "bench_all",
+           heading: str = "CPU benchmarks (`scripts/bench_all.sh`)") -> str:
     """The markdown block (between the markers) for the given ``(name, result, command)`` triples."""
     when = finished or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = [BEGIN, "", "## CPU benchmarks (`scripts/bench_all.sh`)", "",
+    begin, end = markers(block)
+    rerun = ("bash scripts/bench_all.sh" if block == "bench_all" else
+             f'ONLY="{" ".join(name for name, _, _ in results)}" BLOCK={block} bash scripts/bench_all.sh')
+    out = [begin, "", f"## {heading}", "",
            f"Measured {when}" + (f" (started {started})" if started and started != when else "") + ". Every figure is "
            "compared with a baseline measured in the same process on the same inputs; ratios are tsarank / baseline "
-           "unless the row says otherwise. Re-run with `bash scripts/bench_all.sh`.", ""]
+           f"unless the row says otherwise. Re-run with `{rerun}`.", ""]
     headlines: list[str] = []
     bodies: list[str] = []
     for name, result, command in results:
@@ -316,17 +369,18 @@ def render(results: list[tuple[str, dict[str, Any], str]], info: dict[str, str],
     out += ["### Machine", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in info.items()]
     if loadavg:
         out.append(f"| load average at start | {loadavg} (the machine may be shared; see the ratios, not the absolutes) |")
-    out += [""] + bodies + [END]
+    out += [""] + bodies + [end]
     return "\n".join(out) + "\n"
 
 
-def merge(existing: str | None, block: str) -> str:
-    """Put ``block`` into ``existing``: replace the old bench_all block, else insert it after the title."""
+def merge(existing: str | None, block: str, name: str = "bench_all") -> str:
+    """Put ``block`` into ``existing``: replace the old block of that name, else insert it after the title."""
+    begin, end = markers(name)
     if not existing:
         return TITLE + "\n" + block
-    if BEGIN in existing and END in existing:
-        head, rest = existing.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    if begin in existing and end in existing:
+        head, rest = existing.split(begin, 1)
+        _, tail = rest.split(end, 1)
         return head + block.rstrip("\n") + tail if tail.strip() else head + block
     if existing.startswith("# "):
         title, _, body = existing.partition("\n")
@@ -344,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finished", help="end time of the benchmark run (default: now)")
     ap.add_argument("--loadavg", help="load average when the run started")
     ap.add_argument("--stdout", action="store_true", help="print the block instead of writing --out")
+    ap.add_argument("--block", default="bench_all",
+                    help="name of the marked block to write (default bench_all; other blocks are kept)")
+    ap.add_argument("--heading", default=None, help="the block's heading (default: bench_all's)")
     args = ap.parse_args(argv)
 
     results = []
@@ -355,13 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}; {args.out} left unchanged", file=sys.stderr)
         return 2
-    block = render(results, machine(), args.started, args.finished, args.loadavg)
+    block = render(results, machine(), args.started, args.finished, args.loadavg, args.block,
+                   args.heading or "CPU benchmarks (`scripts/bench_all.sh`)")
     if args.stdout:
         sys.stdout.write(block)
         return 0
     out = Path(args.out)
     existing = out.read_text(encoding="utf-8") if out.is_file() else None
-    atomic_write_text(out, merge(existing, block))
+    atomic_write_text(out, merge(existing, block, args.block))
     print(f"wrote {out}")
     return 0
 
