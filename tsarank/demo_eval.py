@@ -109,13 +109,15 @@ def evaluate_systems(data: Path, runs_dir: Path, models: dict[str, str], preset:
             all_scores[i] = scores
         for i in alone:
             all_scores[i] = rankers[i].score_pairs(pairs, on_batch=bar.update)
+    score_dtype = str(rankers[0].model.dtype).replace("torch.", "") if rankers else None
     del rankers
     for system, scores in zip(models, all_scores):
         it = iter(scores)
         for ds in cands:
             runs[ds][system] = {c.qid: [(d, next(it)) for d in c.docids] for c in cands[ds]}
 
-    results: dict[str, Any] = {"significance": {}, "sft_vs_zero_shot": {}, "setup": {"shared_blocks": shared}}
+    results: dict[str, Any] = {"significance": {}, "sft_vs_zero_shot": {},
+                               "setup": {"shared_blocks": shared, "dtype": score_dtype}}
     for ds in cands:
         ms = measures_for(ds, depth[ds])
         results[ds] = {}

@@ -89,6 +89,23 @@ def plot_report(path: Path, results: dict[str, Any], histories: dict[str, list[d
     plt.close(fig)
 
 
+def _precision(score_dtype: str | None, checkpoints: dict[str, str]) -> str:
+    """" Scoring in bfloat16; training with bf16 autocast (fp32 master weights)." from what was actually used."""
+    bf16 = []
+    for path in checkpoints.values():
+        args = Path(path) / "training_args.json"
+        if args.is_file():
+            try:
+                bf16.append(bool(json.loads(args.read_text(encoding="utf-8")).get("bf16")))
+            except ValueError:
+                pass
+    parts = [f"scoring in {score_dtype}"] if score_dtype else []
+    if bf16:
+        parts.append("training with bf16 autocast (fp32 master weights)" if all(bf16) else
+                     "training in fp32" if not any(bf16) else "training partly in bf16 autocast")
+    return (" Precision: " + "; ".join(parts) + " (auto: bf16 where the device computes it natively).") if parts else ""
+
+
 def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str], preset: Any) -> str:
     """Write the three report files; return the markdown table (printed at the end of the demo)."""
     datasets = [d for d in DATASET_NAMES if d in results]
@@ -123,6 +140,7 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
     shared = setup.get("shared_blocks", 0)
     sharing = (f" The models share their bottom {shared} blocks, which ran once per batch for all of them."
                if shared else "")
+    precision = _precision(setup.get("dtype"), checkpoints)
     md = "\n".join(
         [
             "# tsarank demo report",
@@ -132,7 +150,7 @@ def write_report(out: Path, results: dict[str, Any], checkpoints: dict[str, str]
             f"span {preset.sft_gen_span}), "
             f"NFCorpus train queries mined: {preset.nfcorpus_train_queries}. Trained: CPT "
             f"{trained(preset.cpt_top_layers)}, SFT {trained(preset.sft_top_layers)}.{sharing} Machine: {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}.",
+            f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}.{precision}",
             "",
             f"Evaluation (reduced depth and query counts are stated here; every model reads at most "
             f"{preset.max_doc_tokens} document tokens, the training budget):",

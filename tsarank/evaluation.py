@@ -53,6 +53,8 @@ def parse_measures(names: Sequence[MeasureLike], rel_level: int | None = None) -
     Raises:
         ValueError: An unknown or malformed measure name.
     """
+    if rel_level is not None and (isinstance(rel_level, bool) or not isinstance(rel_level, int) or rel_level < 1):
+        raise ValueError(f"rel_level must be a whole number >= 1 (grade 0 means judged non-relevant), got {rel_level!r}")
     measures = []
     for name in names:
         if isinstance(name, str):
@@ -64,23 +66,39 @@ def parse_measures(names: Sequence[MeasureLike], rel_level: int | None = None) -
                 ) from None
         else:
             measure = name
-        _check_params(measure)
+        _check_params(measure, name if isinstance(name, str) else type(measure).__name__)
         if rel_level is not None and "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
             measure = measure(rel=rel_level)
         measures.append(measure)
     return measures
 
 
-def _check_params(measure: Any) -> None:
-    """Refuse a cutoff or relevance level the backends would mishandle (``nDCG@0`` aborts inside
-    pytrec_eval's C code, ``RR@0`` is silently 0, ``nDCG@1.5`` is a traceback deep in a backend)."""
+def _check_params(measure: Any, label: str) -> None:
+    """Refuse a measure the backends would mishandle, before any file is read: ``nDCG@0`` aborted inside pytrec_eval's
+    C code, ``RR@0`` was silently 0, ``nDCG@1.5`` and ``RR(rel=0)`` were tracebacks deep in a backend.
+
+    Raises:
+        ValueError: A cutoff that is not a whole number in [1, 2**31 - 1], ``rel`` below 1 (grade 0 is judged
+            non-relevant), a parameter the measure does not take or a value it refuses (ir_measures' own
+            ``validate_params``), or any other failure on a one-query trial computation.
+    """
     params = getattr(measure, "params", {}) or {}
     cutoff = params.get("cutoff")
-    if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 1):
-        raise ValueError(f"measure {measure}: the cutoff after '@' must be a whole number >= 1, got {cutoff!r}")
+    if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int) or not 1 <= cutoff < 2**31):
+        raise ValueError(f"measure {label}: the cutoff after '@' must be a whole number from 1 to {2**31 - 1}, got "
+                         f"{cutoff!r}")
     rel = params.get("rel")
-    if rel is not None and (isinstance(rel, bool) or not isinstance(rel, int) or rel < 0):
-        raise ValueError(f"measure {measure}: rel= must be a whole number >= 0 (a qrels grade), got {rel!r}")
+    if rel is not None and (isinstance(rel, bool) or not isinstance(rel, int) or rel < 1):
+        raise ValueError(f"measure {label}: rel= must be a whole number >= 1 (grade 0 means judged non-relevant), "
+                         f"got {rel!r}")
+    try:
+        measure.validate_params()
+        ir_measures.calc_aggregate([measure], {"q": {"d": 1}}, {"q": {"d": 1.0}})  # anything a backend still refuses
+    except Exception as exc:  # noqa: BLE001 - AssertionError, TypeError, KeyError... from the backends
+        detail = str(exc).strip() or type(exc).__name__
+        supported = ", ".join(getattr(measure, "SUPPORTED_PARAMS", {}))
+        raise ValueError(f"measure {label} cannot be computed: {detail}"
+                         + (f" (it takes: {supported})" if supported else "")) from None
 
 
 def _to_ir_run(run: Run) -> dict[str, dict[str, float]]:

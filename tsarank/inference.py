@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -109,12 +109,16 @@ def check_docs(query: Any, docs: Any) -> list[str]:
         ``docs`` as a list.
 
     Raises:
-        TypeError: ``docs`` is a single string (``list("a doc")`` would score each character) or holds a non-string.
+        TypeError: ``docs`` is a single string (``list("a doc")`` would score each character), a dict (its keys would
+            be scored) or holds a non-string.
         ValueError: An empty query.
     """
     check_query(query)
     if isinstance(docs, (str, bytes)):
         raise TypeError("docs must be a list of strings, got a single string; pass [doc] to score one document")
+    if isinstance(docs, Mapping):  # iterating a dict gives its keys: the ids would be scored, not the texts
+        raise TypeError("docs must be a list of strings, got a dict; pass list(docs.values()) and keep "
+                        "list(docs.keys()) to map the scores back to ids")
     docs = list(docs)
     for i, d in enumerate(docs):
         if not isinstance(d, str):
@@ -131,6 +135,9 @@ def check_pairs(pairs: Any) -> list[tuple[str, str]]:
     """
     if isinstance(pairs, (str, bytes)):
         raise TypeError("pairs must be a list of (query, doc) pairs, got a single string")
+    if isinstance(pairs, Mapping):
+        raise TypeError("pairs must be a list of (query, doc) pairs, got a dict; pass list(pairs.items()) if it maps "
+                        "queries to documents")
     pairs = list(pairs)
     for i, pair in enumerate(pairs):
         if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,73 @@ def _has_released_reference(name_or_path: str) -> bool:
     return any(name.startswith("init_model.") for name in _weight_names(name_or_path))
 
 
-#: Files of which a checkpoint holds at least one when it carries its tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: Files of which a checkpoint holds at least one when it carries its tokenizer's vocabulary (``tokenizer_config.json``
+#: alone is not one: transformers then asks to install sentencepiece or tiktoken, the wrong fix).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+#: Weight files of a full checkpoint (a sharded one has an index; a LoRA adapter its own ``adapter_model.*``).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _has_tokenizer(name_or_path: str) -> bool:
+    local = Path(name_or_path)
+    if local.is_dir():
+        return any((local / f).is_file() for f in TOKENIZER_FILES) or any(local.glob("*.tiktoken"))
     return any(_fetch(name_or_path, f) is not None for f in TOKENIZER_FILES)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A checkpoint's JSON file, or a one-line error naming it (a bare JSONDecodeError names no file).
+
+    Raises:
+        ModelLoadError: The file is not valid JSON (a truncated copy, an edit gone wrong).
+    """
+    from .errors import ModelLoadError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc}). Fix: the checkpoint is corrupt; save, copy or download "
+                             "it again") from None
+
+
+def check_checkpoint_files(directory: str | os.PathLike, needs_tokenizer: bool = True) -> None:
+    """A local checkpoint directory has weights and, where they are read from it, a tokenizer: checked from the file
+    names alone, before any input is read or model loaded.
+
+    Raises:
+        FileNotFoundError: No weight file, or no tokenizer vocabulary; the message names the directory and the fix.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    if not any((d / f).is_file() for f in WEIGHT_FILES) and not any(d.glob("*.safetensors")):
+        raise FileNotFoundError(f"{d}: no weight files (none of {', '.join(WEIGHT_FILES)}). Fix: the checkpoint was not "
+                                "saved completely; save or copy it again (model.save_pretrained(DIR))")
+    if needs_tokenizer and not _has_tokenizer(str(d)):
+        raise FileNotFoundError(f"{d}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}) in this checkpoint "
+                                "directory. Fix: copy them from the model it was trained from "
+                                "(tokenizer.save_pretrained(DIR))")
+
+
+def load_tokenizer_checked(source: str, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained`` with a one-line error naming the checkpoint when its files cannot be read.
+
+    Raises:
+        ModelLoadError: A corrupt ``tokenizer.json``, a missing vocabulary, a tokenizer class this install lacks.
+    """
+    from transformers import AutoTokenizer
+
+    from .errors import ModelLoadError
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (ValueError, OSError, TypeError, KeyError, ImportError) as exc:
+        if isinstance(exc, OSError) and not Path(source).is_dir():
+            raise  # a Hub id offline or mistyped: the caller's own message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source}: its tokenizer cannot be loaded ({type(exc).__name__}: {first[:300]}). Fix: "
+                             "copy the tokenizer files of the model it was trained from (tokenizer.save_pretrained(DIR))") from None
 
 
 def _offline() -> bool:
@@ -153,6 +215,21 @@ def resolve_checkpoint(name_or_path: str, template: PromptTemplate | str | None 
         ValueError: A checkpoint tsarank cannot score, or an unknown template name; the message lists the options.
     """
     spec = _resolve(name_or_path, template)
+    weights = spec.base if spec.kind in ("lora", "rankllama") else spec.name_or_path
+    if weights and Path(weights).is_dir():
+        check_checkpoint_files(weights, needs_tokenizer=False)
+    if (spec.template.scoring_head == LAST_TOKEN and spec.kind not in ("rankllama", "seq_cls")
+            and not (spec.sidecar_dir and (Path(spec.sidecar_dir) / HEAD_WEIGHTS).is_file())):
+        # Scoring would fail only after the inputs are read and the model is loaded, and say less.
+        if spec.kind == "tsarank" and template is None:  # its own sidecar says last_token: a file went missing
+            raise FileNotFoundError(f"{name_or_path}: last_token checkpoint without {HEAD_WEIGHTS} (its "
+                                    f"tsarank_config.json names the last-token head). Fix: copy {HEAD_WEIGHTS} from "
+                                    "the training output_dir")
+        raise ValueError(f"{name_or_path} has no trained last-token head ({HEAD_WEIGHTS}), so the "
+                         f"{template if isinstance(template, str) else spec.template.style!r} template (last_token "
+                         "head) cannot score with it. Fix: a "
+                         "query-likelihood template (template='tsarank' or 'rankinggpt'), or a checkpoint trained "
+                         "with the last-token head")
     source = spec.tokenizer_source or spec.name_or_path
     if Path(source).is_dir() and not _has_tokenizer(source):
         raise FileNotFoundError(f"{source}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}) in this "
@@ -177,7 +254,7 @@ def _resolve(name_or_path: str, template: PromptTemplate | str | None) -> Checkp
     sidecar_dir = str(sidecar.parent) if sidecar is not None else None
 
     if adapter_cfg is not None and config is None:
-        info = json.loads(adapter_cfg.read_text(encoding="utf-8"))
+        info = read_json(adapter_cfg)
         base = info.get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{adapter_cfg} names no base_model_name_or_path; set it to the base checkpoint's path "
@@ -203,7 +280,7 @@ def _resolve(name_or_path: str, template: PromptTemplate | str | None) -> Checkp
             where += f"; nor is there a local directory {local.resolve()}"
         raise FileNotFoundError(f"{name_or_path}: no config.json in this {where}. A model is a checkpoint directory "
                                 "(config.json + weights), a LoRA adapter directory (adapter_config.json) or a Hub id")
-    cfg = json.loads(config.read_text(encoding="utf-8"))
+    cfg = read_json(config)
     archs = cfg.get("architectures") or []
     remote = bool(cfg.get("auto_map"))
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (not archs and remote)
@@ -245,8 +322,6 @@ def load_for_scoring(
     Raises:
         ValueError: A checkpoint with its own modelling code and ``trust_remote_code`` false.
     """
-    from transformers import AutoTokenizer
-
     if spec.remote_code and not trust_remote_code:
         raise ValueError(
             f"{spec.name_or_path} ships its own modelling code (config.json auto_map, e.g. Qwen-7B or Baichuan2 "
@@ -267,8 +342,7 @@ def load_for_scoring(
         model = PeftModel.from_pretrained(base, spec.name_or_path).merge_and_unload()
     else:
         model = load_causal_lm(spec.name_or_path, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_source or spec.name_or_path,
-                                              trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer_checked(spec.tokenizer_source or spec.name_or_path, trust_remote_code=trust_remote_code)
     if spec.kind in ("rankllama", "seq_cls"):
         head = LastTokenHead.from_linear(model.score)
         if model.config.pad_token_id is None:  # batched forward of a *ForSequenceClassification needs one

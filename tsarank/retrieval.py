@@ -8,6 +8,7 @@ more word characters, optional stop-word removal and Snowball stemming.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ def bm25_options(args: argparse.Namespace) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - bm25s raises a bare ValueError/KeyError depending on version
             raise ValueError(f"--stopwords {args.stopwords!r}: not a bm25s stop-word list (e.g. en, de, fr, es, "
                              "or none)") from None
-    if not args.k1 > 0 or not 0 <= args.b <= 1:
-        raise ValueError(f"--k1 must be > 0 and --b within [0, 1], got {args.k1} and {args.b}")
+    if not (args.k1 > 0 and math.isfinite(args.k1)) or not 0 <= args.b <= 1:  # inf scored every document 0
+        raise ValueError(f"--k1 must be a finite number > 0 and --b within [0, 1], got {args.k1} and {args.b}")
     return options
 
 

@@ -169,10 +169,14 @@ def test_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name, needle",
-    [("nDCG@0", "cutoff"), ("P@0", "cutoff"), ("RR@0", "cutoff"), ("nDCG@1.5", "cutoff"), ("AP(rel=1.5)", "rel=")],
+    [("nDCG@0", "cutoff"), ("P@0", "cutoff"), ("RR@0", "cutoff"), ("nDCG@1.5", "cutoff"), ("AP(rel=1.5)", "rel="),
+     ("nDCG@10000000000000000000", "cutoff"), ("RR(rel=0)", "rel="), ("Bpref(rel=0)", "rel="),
+     ("nDCG(rel=1)", "unsupported params found: ['rel']"), ("ERR(rel=1)@10", "unsupported params"),
+     ("RBP(p=0)", "invalid param p=0"), ("IPrec@0", "invalid param recall=0"), ("Compat(p=2)", "invalid param")],
 )
 def test_cli_refuses_bad_cutoffs_before_reading(tmp_path, capsys, name, needle):
-    """nDCG@0 / P@0 used to abort inside pytrec_eval's C code, RR@0 gave 0, nDCG@1.5 was a traceback."""
+    """nDCG@0 / P@0 used to abort inside pytrec_eval's C code, RR@0 gave 0; nDCG@1.5, RR(rel=0), nDCG(rel=1), RBP(p=0)
+    and a cutoff beyond a C int were tracebacks from a backend after the files were read."""
     qrels, run, _ = _write_fixture_files(tmp_path)
     missing = tmp_path / "missing.trec"  # the measure is refused before any file is read
     assert _cli(["evaluate", "--run", str(missing), "--qrels", str(qrels), "--measures", name]) == 2

@@ -705,13 +705,13 @@ def test_checkpoint_template_budgets_and_tokenizer_checked_before_inputs(tmp_pat
         Ranker.from_pretrained(str(bare))
     rc = sft.main(_sft_argv(bare, _groups(tmp_path / "g.jsonl"), tmp_path / "o-sft"))
     err = capsys.readouterr().err
-    assert rc == 2 and f"--model_name_or_path {bare} has no tokenizer files" in err and "Traceback" not in err, err
+    assert rc == 2 and f"--model_name_or_path {bare}: no tokenizer files" in err and "Traceback" not in err, err
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"text": "some passage text", "query": "a query"}\n')
     rc = cpt.main(["--model_name_or_path", str(bare), "--train_file", str(pairs), "--output_dir",
                    str(tmp_path / "o-cpt"), "--report_to", "none", "--max_steps", "1"])
     err = capsys.readouterr().err
-    assert rc == 2 and "has no tokenizer files" in err and "Traceback" not in err, err
+    assert rc == 2 and "no tokenizer files" in err and "Traceback" not in err, err
     assert not (tmp_path / "o-sft").exists() and not (tmp_path / "o-cpt").exists()
     # The frozen reference needs no tokenizer of its own (the policy's is used).
     from tsarank.training.model_setup import check_model_source
@@ -802,3 +802,105 @@ def test_ctrl_c_stops_the_running_demo_phase_and_resume_skips_finished_ones(tmp_
     assert "Traceback" not in captured.err and (out / "data" / "weak_pairs" / "train.jsonl").is_file()
     assert cli([*argv, "--resume"]) == 130
     assert "[demo] weak_pairs: done earlier, skipped (--resume)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ the third review's cases
+def test_checkpoints_missing_or_corrupt_files_are_one_line_naming_them(tmp_path, tiny_checkpoint, capsys):
+    """Only tokenizer_config.json left, no weights, a corrupt config.json or tokenizer.json: one line naming the
+    file, before the corpus is read (rerank) or anything loads (training, API)."""
+    import shutil
+
+    def variant(name, drop=(), corrupt=None):
+        d = tmp_path / name
+        shutil.copytree(tiny_checkpoint, d)
+        for f in list(d.iterdir()):
+            if f.name in drop or (drop == "tokenizer" and f.name != "tokenizer_config.json"
+                                  and f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))):
+                f.unlink()
+        if corrupt:
+            (d / corrupt).write_text('{"vocab_size": 384, oops')
+        return d
+
+    inputs = _rerank_inputs_with_a_broken_corpus(tmp_path)
+    cases = [
+        (variant("config-only-tokenizer", drop="tokenizer"), "no tokenizer files"),
+        (variant("no-weights", drop=("model.safetensors",)), "no weight files"),
+        (variant("bad-config", corrupt="config.json"), "config.json: not valid JSON"),
+    ]
+    for model, message in cases:
+        assert cli(["rerank", *inputs, "--model", str(model), "--out", str(tmp_path / "o.trec")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "corpus.tsv" not in err and "Traceback" not in err, (model, err)
+        rc = sft.main(_sft_argv(model, _groups(tmp_path / "g.jsonl"), tmp_path / "o-sft"))
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (model, err)
+        with pytest.raises(OSError, match=message.split(":")[-1].strip()):
+            Ranker.from_pretrained(str(model))
+    bad_tok = variant("bad-tokenizer", corrupt="tokenizer.json")
+    assert cli(["rerank", *inputs, "--model", str(bad_tok), "--template", "rankinggpt", "--out",
+                str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad_tok}: its tokenizer cannot be loaded" in err and "corpus.tsv" not in err, err
+    # A last-token template on a checkpoint with no trained head: refused before the corpus is read.
+    assert cli(["rerank", *inputs, "--model", str(tiny_checkpoint), "--template", "rankllama", "--out",
+                str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "has no trained last-token head" in err and "corpus.tsv" not in err, err
+
+
+@pytest.mark.parametrize("flag, value", [("--lambda_gen", "nan"), ("--max_grad_norm", "nan"),
+                                         ("--warmup_steps", "nan"), ("--learning_rate", "inf"),
+                                         ("--weight_decay", "nan"), ("--temperature", "inf")])
+def test_nan_and_inf_options_are_refused_before_loading(flag, value, tmp_path, capsys):
+    """`x < 0` is false for NaN: --lambda_gen nan trained with L_gen silently off, --max_grad_norm nan without
+    clipping, --warmup_steps nan crashed after the model loaded."""
+    rc = sft.main(["--model_name_or_path", "./no/model", "--train_file", str(tmp_path / "missing.jsonl"),
+                   "--output_dir", str(tmp_path / "o"), "--report_to", "none", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{flag} must be a finite number, got {value}" in err and "Traceback" not in err, err
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{flag[2:]}: .{value}\n")  # YAML's .nan / .inf
+    rc = sft.main(["--config", str(config), "--model_name_or_path", "./no/model", "--train_file",
+                   str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must be a finite number" in err and str(config) in err, err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_steps: 1\n1: 2\n", ":2: 1 is not an option name"),
+    ("true: 3\n", ":1: True is not an option name"),
+    ("max_steps: 1\nmax_steps: 2\n", ":2: 'max_steps' is given twice (first on line 1)"),
+    ("max_steps: 1\n  bad: [\n", ":2: invalid YAML (mapping values are not allowed here)"),
+])
+def test_odd_yaml_keys_are_one_line_with_file_and_line(text, message, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert sft.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}{message}" in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_api_refuses_a_dict_of_documents(model, tiny_tokenizer):
+    """Iterating a dict gives its keys: `score(q, {"d1": "Paris..."})` scored the id "d1"."""
+    from tsarank.prompts import PromptTemplate
+
+    ranker = Ranker(model, tiny_tokenizer, PromptTemplate())
+    with pytest.raises(TypeError, match="got a dict; pass list"):
+        ranker.score("capital of france", {"d1": DOCS[0]})
+    with pytest.raises(TypeError, match="got a dict"):
+        ranker.rerank("capital of france", {"d1": DOCS[0]})
+    with pytest.raises(TypeError, match="got a dict"):
+        ranker.score_pairs({"capital of france": DOCS[0]})
+
+
+def test_retrieve_k1_inf_and_empty_devices_are_refused(tmp_path, capsys):
+    assert cli(["retrieve", "--corpus", str(tmp_path / "no-such-corpus"), "--queries", str(tmp_path / "q.tsv"),
+                "--k1", "inf", "--out", str(tmp_path / "bm25.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "--k1 must be a finite number > 0" in err and "no-such-corpus" not in err, err
+    for devices, message in (("", "--devices '': name at least one device"),
+                             ("cuda:0", "--devices: device 'cuda:0' asked for")):
+        assert cli(["rerank", "--candidates", str(tmp_path / "c.json"), "--devices", devices, "--out",
+                    str(tmp_path / "r.trec")]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err

@@ -266,13 +266,13 @@ def _report_missing(missing: list[str], strict: bool) -> None:
     print(f"warning: {len(missing)} docid(s) of the run are missing from the corpus and are skipped (first: {shown})", file=sys.stderr)
 
 
-def _device_type(device: str | None) -> str:
+def _device_type(device: str | None, flag: str = "--device") -> str:
     from tsarank.backend import check_device_available
 
     try:
         kind = check_device_available(device).type
     except ValueError as exc:
-        raise ValueError(f"--device: {exc}") from None
+        raise ValueError(f"{flag}: {exc}") from None
     return "cuda" if kind == "cuda" else "cpu"
 
 
@@ -302,12 +302,11 @@ def _check_model_options(args: argparse.Namespace) -> None:
             quiet.setLevel(level)
         chosen = spec.template.with_budgets(args.max_doc_tokens, args.max_query_tokens, args.max_length)
         if chosen.style == "rankinggpt" and chosen.max_length is not None:  # its room needs the tokenizer (fast)
-            from transformers import AutoTokenizer
-
+            from tsarank.loading import load_tokenizer_checked
             from tsarank.prompts import check_room
 
-            check_room(AutoTokenizer.from_pretrained(spec.tokenizer_source or spec.name_or_path,
-                                                     trust_remote_code=args.trust_remote_code), chosen)
+            check_room(load_tokenizer_checked(spec.tokenizer_source or spec.name_or_path,
+                                              trust_remote_code=args.trust_remote_code), chosen)
     else:  # the default model scores with the named "tsarank" template unless told otherwise
         from tsarank.prompts import PromptTemplate
 
@@ -376,7 +375,7 @@ def _spawn_devices(args: argparse.Namespace) -> int:
         if not devices:
             raise ValueError(f"--devices {args.devices!r}: name at least one device, e.g. cuda:0,cuda:1")
         for d in devices:
-            _device_type(d)
+            _device_type(d, flag="--devices")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -407,7 +406,7 @@ def _spawn_devices(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     """Execute ``tsarank rerank``; returns the process exit code."""
-    if getattr(args, "devices", None):
+    if getattr(args, "devices", None) is not None:  # `--devices ''` too: refused there, not ignored
         return _spawn_devices(args)
     from tsarank.sharding import ScoringGroup
 

@@ -376,24 +376,43 @@ def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise OptionError(f"{path}: not valid UTF-8 (byte {e.start}). Fix: save the config as UTF-8") from None
     except yaml.YAMLError as e:
-        raise OptionError(f"{path}: invalid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise OptionError(f"{where}: invalid YAML ({problem}); each line is 'option_name: value'") from None
     if not isinstance(data, dict):
         raise OptionError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    lines = _key_lines(raw.decode("utf-8"))
+    lines = _key_lines(raw.decode("utf-8"), path)
     for key in data:
+        where = f"{path}:{lines.get(key, '?')}"
+        if not isinstance(key, str):  # `1: 2`, `true: x`, `null: x`
+            raise OptionError(f"{where}: {key!r} is not an option name; each line is 'option_name: value'")
         if key not in valid:
-            raise OptionError(unknown_key_message(key, valid, f"{path}:{lines.get(key, '?')}"))
+            raise OptionError(unknown_key_message(key, valid, where))
     return data
 
 
-def _key_lines(text: str) -> dict[Any, int]:
-    """1-based line of each top-level key, so errors can name ``file:line``."""
+def _key_lines(text: str, path: str) -> dict[Any, int]:
+    """1-based line of each top-level key, so errors can name ``file:line``.
+
+    Raises:
+        OptionError: A key given twice (YAML silently keeps the last one).
+    """
     import yaml
 
     node = yaml.compose(text)
     if not isinstance(node, yaml.MappingNode):
         return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    lines: dict[Any, int] = {}
+    for k, _ in node.value:
+        if isinstance(k, yaml.ScalarNode):
+            # The key as safe_load reads it (`true:` is True, `1:` is 1), so lookups by the loaded keys find it.
+            key = k.value if k.tag == "tag:yaml.org,2002:str" else yaml.safe_load(k.value)
+            if key in lines:
+                raise OptionError(f"{path}:{k.start_mark.line + 1}: '{k.value}' is given twice (first on line "
+                                  f"{lines[key]}); keep one")
+            lines[key] = k.start_mark.line + 1
+    return lines
 
 
 def parse_stage_args(
@@ -437,7 +456,7 @@ def parse_stage_args(
         if not config_path:
             raise OptionError("--config needs a YAML file path")
     values = load_yaml(config_path, valid) if config_path else {}
-    lines = _key_lines(Path(config_path).read_bytes().decode("utf-8")) if values else {}
+    lines = _key_lines(Path(config_path).read_bytes().decode("utf-8"), config_path) if values else {}
     # YAML values become parser defaults, so any flag given on the command line still wins.
     for action in parser._actions:
         if action.dest in values:
@@ -449,6 +468,20 @@ def parse_stage_args(
         bad = remaining[0].lstrip("-").split("=")[0]
         raise OptionError(unknown_key_message(bad, valid, "command line"))
     # The parser also returns a Namespace for --config itself; keep only the dataclass instances.
-    return tuple(i for i in instances if isinstance(i, tuple(types)))
+    kept = tuple(i for i in instances if isinstance(i, tuple(types)))
+    _check_finite(kept, config_path)
+    return kept
+
+
+def _check_finite(instances: Sequence[Any], config_path: str | None) -> None:
+    """No option takes NaN or infinity: `x < 0` is false for NaN, so range checks let `--lambda_gen nan` (L_gen
+    silently off) or `--max_grad_norm nan` (clipping silently off) through, and `--warmup_steps nan` crashed later."""
+    import math
+
+    bad = [f"--{f.name} must be a finite number, got {getattr(obj, f.name)}"
+           for obj in instances for f in fields(obj)
+           if isinstance(getattr(obj, f.name, None), float) and not math.isfinite(getattr(obj, f.name))]
+    if bad:
+        raise OptionError("; ".join(bad) + (f" (command line or {config_path})" if config_path else ""))
 
 

@@ -60,10 +60,10 @@ def check_model_source(value: str | None, flag: str, needs_tokenizer: bool = Tru
         OptionError: A missing path, a file, a directory without ``config.json`` (a LoRA adapter is named as such),
             another kind of model, or no tokenizer files where one is needed; the message names the option.
     """
-    import json
     from pathlib import Path
 
-    from ..loading import TOKENIZER_FILES
+    from ..errors import ModelLoadError
+    from ..loading import check_checkpoint_files, read_json
     from .arguments import OptionError
 
     if not value or value == "default":
@@ -81,13 +81,17 @@ def check_model_source(value: str | None, flag: str, needs_tokenizer: bool = Tru
                               f"({p / 'merged'} when trained with merge_lora) or the base model")
         raise OptionError(f"--{flag} {value}: no config.json in this directory; pass a checkpoint directory "
                           "(config.json + weights) or a Hub id")
-    archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    try:
+        archs = read_json(p / "config.json").get("architectures") or []
+    except ModelLoadError as exc:
+        raise OptionError(f"--{flag} {value}: {exc}") from None
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise OptionError(f"--{flag} {value} is a {', '.join(archs)} checkpoint; both stages train a causal LM "
                           "(a *ForCausalLM architecture)")
-    if needs_tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise OptionError(f"--{flag} {value} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
-                          "copy them from the model it was trained from (tokenizer.save_pretrained(DIR))")
+    try:
+        check_checkpoint_files(p, needs_tokenizer=needs_tokenizer)
+    except FileNotFoundError as exc:
+        raise OptionError(f"--{flag} {exc}") from None
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -96,9 +100,9 @@ def load_tokenizer(name_or_path: str) -> Any:
     Raises:
         TypeError: when only a slow tokenizer exists (the query span is located with character offsets).
     """
-    from transformers import AutoTokenizer
+    from ..loading import load_tokenizer_checked
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), use_fast=True)
+    tokenizer = load_tokenizer_checked(resolve_model_path(name_or_path), use_fast=True)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{name_or_path}: tsarank needs a fast (Rust) tokenizer; none could be loaded")
     # Collators pad on the right; scoring and the loss gather rows by position, so left padding would be harmless
