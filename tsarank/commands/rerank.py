@@ -65,12 +65,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", default="default", help="checkpoint directory, LoRA adapter directory or Hub id: tsarank's, any "
                    "causal LM, zyznull/RankingGPT-*, castorini/rankllama-* (default: the embedded default model)")
     src = p.add_argument_group("candidates (either --candidates, or --run with --queries and --corpus)")
-    src.add_argument("--candidates", metavar="JSON", help="rank_llm JSON [{\"query\", \"hits\": [{\"qid\", \"docid\", \"content\"}]}]")
+    src.add_argument("--candidates", metavar="JSON", help="rank_llm JSON, either layout: Request JSONL {\"query\": {\"text\", "
+                     "\"qid\"}, \"candidates\": [{\"docid\", \"score\", \"doc\"}]} or [{\"query\", \"hits\": [{\"qid\", \"docid\", \"content\"}]}]")
     src.add_argument("--run", metavar="RUN", help="first-stage TREC run 'qid Q0 docid rank score tag'")
     src.add_argument("--queries", metavar="Q", help="queries.jsonl or TSV 'qid<TAB>text'")
     src.add_argument("--corpus", metavar="C", help="BEIR corpus.jsonl (or its directory) or TSV 'docid<TAB>text'")
     p.add_argument("--top-k", type=int, default=100, help="re-rank (and write) the first K candidates of each query (default 100)")
     p.add_argument("--out", required=True, metavar="OUT.trec", help="output TREC run (written atomically)")
+    p.add_argument("--out-format", choices=("trec", "rank_llm"), default="trec",
+                   help="trec (default): a TREC run; rank_llm: rank_llm Request JSONL ({\"query\": {\"text\", \"qid\"}, "
+                        "\"candidates\": [{\"docid\", \"score\", \"doc\"}]}, best first), for a rank_llm step after this one")
     p.add_argument("--batch-size", type=int, default=None, help="cap on sequences per batch (the token budget applies as well)")
     p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (default: 1024 on CPU, 65536 on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun "
@@ -500,6 +504,7 @@ def _score_and_write(args: argparse.Namespace, group, out: Path, sidecar: Path, 
     import json
 
     from tsarank.atomic import atomic_open, atomic_write_text
+    from tsarank.data.formats import format_rank_llm_request
     from tsarank.sharding import assign_chunks, chunk_cost
 
     lead = group.rank == 0
@@ -579,7 +584,11 @@ def _score_and_write(args: argparse.Namespace, group, out: Path, sidecar: Path, 
     try:
         with atomic_open(out) as fh:
             for c in lists:
-                fh.writelines(lines[c.qid])
+                if args.out_format == "rank_llm":
+                    ranked = [(parts[2], float(parts[4])) for parts in (line.split() for line in lines[c.qid])]
+                    fh.write(format_rank_llm_request(c.qid, c.query, ranked, dict(zip(c.docids, c.texts))))
+                else:
+                    fh.writelines(lines[c.qid])
     except OSError as exc:
         print(f"error: could not write {out}: {exc}; the scored queries are kept in {sidecar} (rerun with --resume)", file=sys.stderr)
         return 1

@@ -755,8 +755,74 @@ def _iter_json_entries(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(path, line_at(n), None, "expected ']' closing the array, got end of file", fix="the file is truncated; re-export it")
 
 
+#: Keys of a rank_llm Request candidate's ``doc`` that hold its text, in the order rank_llm itself reads them.
+RANK_LLM_TEXT_KEYS = ("text", "segment", "contents", "content", "body")
+
+
+def _request_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, str, list[str], list[str], list[float]]:
+    """rank_llm's current Request layout: ``{"query": {"text", "qid"}, "candidates": [{"docid", "score", "doc"}]}``
+    where ``doc`` is a string or an object with a title and one of :data:`RANK_LLM_TEXT_KEYS`."""
+    q = entry["query"]
+    query = _get_str(q, "text", path, line, prefix="query.", non_empty=True)
+    qid = _get_id(q, "qid", path, line, prefix="query.")
+    cands = entry.get("candidates")
+    if not isinstance(cands, list):
+        raise DataError(path, line, "candidates", f"expected a list of candidates, got {describe(cands)}",
+                        fix="each request needs \"candidates\": [{\"docid\", \"score\", \"doc\"}, ...]")
+    docids: list[str] = []
+    texts: list[str] = []
+    scores: list[float] = []
+    positions: dict[str, int] = {}
+    for i, cand in enumerate(cands):
+        prefix = f"candidates[{i}]."
+        if not isinstance(cand, dict):
+            raise DataError(path, line, f"candidates[{i}]", f"expected an object {{\"docid\", \"score\", \"doc\"}}, got {describe(cand)}")
+        docid = _get_id(cand, "docid", path, line, prefix=prefix)
+        if docid in positions:
+            raise DataError(path, line, prefix + "docid", f"duplicate docid {docid!r} (also candidates[{positions[docid]}])", fix="keep one candidate per document")
+        positions[docid] = i
+        doc = cand.get("doc")
+        if isinstance(doc, str):
+            text = doc
+        elif isinstance(doc, dict):
+            key = next((k for k in RANK_LLM_TEXT_KEYS if isinstance(doc.get(k), str)), None)
+            if key is None:
+                raise DataError(path, line, prefix + "doc", f"expected a text under one of {', '.join(RANK_LLM_TEXT_KEYS)}, got keys {sorted(doc)}")
+            title = doc.get("title")
+            text = f"{title} {doc[key]}" if isinstance(title, str) and title.strip() else doc[key]
+        else:
+            raise DataError(path, line, prefix + "doc", f"expected a string or an object with the text, got {describe(doc)}")
+        docids.append(docid)
+        texts.append(text)
+        score = cand.get("score")
+        scores.append(_check_number(path, line, prefix + "score", score) if score is not None else -float(i + 1))
+    return qid, query, docids, texts, scores
+
+
+def format_rank_llm_request(qid: str, query: str, ranked: Iterable[tuple[str, float]], texts: Mapping[str, str]) -> str:
+    """One rank_llm Request as a JSON line: ``{"query": {"text", "qid"}, "candidates": [{"docid", "score", "doc":
+    {"text"}}]}``, candidates in :func:`trec_order` (best first, as rank_llm writes them), scores as in TREC runs.
+
+    Args:
+        qid: Query id.
+        query: Query text.
+        ranked: ``(docid, score)`` pairs, any order.
+        texts: Text of each docid.
+
+    Returns:
+        The line, ending in a newline.
+    """
+    cands = [{"docid": d, "score": float(format(s, RUN_SCORE_FORMAT)), "doc": {"text": texts[d]}}
+             for d, s in trec_order(ranked)]
+    return json.dumps({"query": {"text": query, "qid": qid}, "candidates": cands}, ensure_ascii=False) + "\n"
+
+
 def read_rank_llm(path: PathLike) -> list[CandidateList]:
-    """Read rank_llm "retrieve results" JSON: ``[{"query": str, "hits": [{"qid", "docid", "content", ...}]}]``.
+    """Read rank_llm JSON, in either of its layouts (detected per entry):
+
+    - the current Request layout (JSON Lines or an array): ``{"query": {"text", "qid"}, "candidates": [{"docid",
+      "score", "doc"}]}``, ``doc`` a string or an object (``title`` plus ``text``/``segment``/``contents``/...);
+    - the "retrieve results" layout: ``[{"query": str, "hits": [{"qid", "docid", "content", ...}]}]``.
 
     The array may also be written as JSON Lines (one entry per line). Hits keep
     their order in the file (rank_llm writes them best first). ``score`` is
@@ -782,6 +848,13 @@ def read_rank_llm(path: PathLike) -> list[CandidateList]:
     for line, entry in _iter_json_entries(path):
         if not isinstance(entry, dict):
             raise DataError(path, line, None, f"expected an object {{\"query\", \"hits\"}}, got {describe(entry)}")
+        if isinstance(entry.get("query"), dict):  # rank_llm's Request layout
+            qid, query, docids, texts, scores = _request_entry(path, line, entry)
+            if qid in seen_qids:
+                raise DataError(path, line, "query.qid", f"duplicate qid {qid!r} in entries starting on lines {seen_qids[qid]} and {line}", fix="merge the two entries")
+            seen_qids[qid] = line
+            out.append(CandidateList(qid, query, docids, texts, scores))
+            continue
         query = _get_str(entry, "query", path, line, non_empty=True)
         hits = entry.get("hits")
         if not isinstance(hits, list):
