@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Sequence
 
 __version__ = "0.1.0"
 
 __all__ = ["Ranker", "score", "load_default_model", "LOSSES", "PromptTemplate", "__version__"]
 
-_DEFAULT_RANKER = None
+#: Rankers ``score`` loaded, by model name ("default" for the embedded model), least recently used first.
+_RANKERS: "OrderedDict[str, Any]" = OrderedDict()
+_CACHE_SIZE = 2
 
 
 def __getattr__(name: str) -> Any:
@@ -32,22 +35,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tsarank' has no attribute {name!r}")
 
 
-def score(query: str, docs: Sequence[str], model: Any = None) -> list[float]:
+def score(query: str, docs: Sequence[str], model: Any = None, *, show_progress_bar: bool | None = None) -> list[float]:
     """Score ``docs`` for ``query`` with ``model`` (a Ranker, a path or Hub id; ``None`` = the default model).
 
-    The default model is loaded once per process and reused.
+    A model named by path or id is loaded once and reused by later calls, like the default model (the last
+    :data:`_CACHE_SIZE` models named are kept); pass a :class:`Ranker` to control loading yourself.
     """
-    global _DEFAULT_RANKER
     from .inference import Ranker, check_docs
 
     docs = check_docs(query, docs)  # a bare string or an empty query fails now, not after loading a model
-
-    if model is None:
-        if _DEFAULT_RANKER is None:
-            _DEFAULT_RANKER = Ranker.default()
-        ranker = _DEFAULT_RANKER
-    elif isinstance(model, Ranker):
+    if isinstance(model, Ranker):
         ranker = model
     else:
-        ranker = Ranker.from_pretrained(str(model))
-    return ranker.score(query, docs)
+        key = "default" if model is None else str(model)
+        ranker = _RANKERS.pop(key, None)
+        if ranker is None:
+            ranker = Ranker.default() if key == "default" else Ranker.from_pretrained(key)
+        _RANKERS[key] = ranker  # most recently used last
+        while len(_RANKERS) > _CACHE_SIZE:
+            _RANKERS.pop(next(iter(_RANKERS)))
+    return ranker.score(query, docs, show_progress_bar=show_progress_bar)

@@ -102,6 +102,10 @@ def _check_batch_size(batch_size: Any) -> None:
     positive_int_or_none(batch_size, "batch_size")
 
 
+#: ``show_progress_bar=None`` shows a bar from this many pairs on (about a minute of CPU scoring).
+PROGRESS_MIN_PAIRS = 512
+
+
 def check_docs(query: Any, docs: Any) -> list[str]:
     """``score(query, docs)``'s arguments checked as the CLI checks its inputs (before any model is loaded).
 
@@ -308,21 +312,44 @@ class Ranker:
         *,
         batch_size: int | None = None,
         on_batch: Callable[[int], None] | None = None,
+        show_progress_bar: bool | None = None,
     ) -> list[float]:
-        """Score many (query, doc) pairs at once, batching across queries. Results in input order."""
+        """Score many (query, doc) pairs at once, batching across queries. Results in input order.
+
+        Args:
+            pairs: ``(query, doc)`` pairs.
+            batch_size: Fixed batch size instead of the token budget.
+            on_batch: Called with the number of pairs after each batch.
+            show_progress_bar: A progress bar (documents, docs/s, time left) on stderr; ``None``: for
+                :data:`PROGRESS_MIN_PAIRS` pairs or more, on a terminal.
+        """
         _check_batch_size(batch_size)
         pairs = check_pairs(pairs)
         if not pairs:
             return []
         encoded = self.encode([q for q, _ in pairs], [d for _, d in pairs])
-        return self.score_encoded(encoded, batch_size=batch_size, on_batch=on_batch)
+        show = len(pairs) >= PROGRESS_MIN_PAIRS if show_progress_bar is None else bool(show_progress_bar)
+        if not show:
+            return self.score_encoded(encoded, batch_size=batch_size, on_batch=on_batch)
+        from tqdm import tqdm
 
-    def score(self, query: str, docs: Sequence[str], *, batch_size: int | None = None) -> list[float]:
+        # disable=None: off when stderr is not a terminal unless asked for explicitly.
+        with tqdm(total=len(pairs), unit="doc", desc="score", disable=None if show_progress_bar is None else False,
+                  mininterval=0.5) as bar:
+            def progress(n: int) -> None:
+                bar.update(n)
+                if on_batch is not None:
+                    on_batch(n)
+
+            return self.score_encoded(encoded, batch_size=batch_size, on_batch=progress)
+
+    def score(self, query: str, docs: Sequence[str], *, batch_size: int | None = None,
+              show_progress_bar: bool | None = None) -> list[float]:
         """Score each doc for ``query`` (mean log p(query tokens | doc), or the last-token head); input order."""
         docs = check_docs(query, docs)
         if not docs:
             return []
-        return self.score_pairs([(query, d) for d in docs], batch_size=batch_size)
+        return self.score_pairs([(query, d) for d in docs], batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def rerank(self, query: str, docs: Sequence[str], top_k: int | None = None) -> list[tuple[int, float]]:
         """``(index, score)`` best first; ties broken by the lower input index (deterministic).
@@ -334,3 +361,58 @@ class Ranker:
         scores = self.score(query, docs)
         ranked = sorted(enumerate(scores), key=lambda t: (-t[1], t[0]))
         return ranked[:top_k] if top_k is not None else ranked
+
+    # ------------------------------------------------------------------------------ CrossEncoder-shaped API
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """sentence-transformers ``CrossEncoder.rank``'s shape: ``[{"corpus_id", "score"(, "text")}]`` best first.
+
+        Args:
+            query: The query.
+            documents: The documents (a list; a bare string or a dict is a ``TypeError``).
+            top_k: Keep the best ``top_k`` (``None``: all).
+            return_documents: Add each document's ``"text"``.
+            batch_size: Fixed batch size instead of the token budget.
+            show_progress_bar: See :meth:`score_pairs`.
+
+        Returns:
+            One dict per kept document; ties by the lower ``corpus_id``.
+        """
+        top_k = positive_int_or_none(top_k, "top_k")
+        documents = check_docs(query, documents)
+        scores = self.score(query, documents, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        ranked = sorted(enumerate(scores), key=lambda t: (-t[1], t[0]))[:top_k]
+        return [{"corpus_id": i, "score": s, **({"text": documents[i]} if return_documents else {})}
+                for i, s in ranked]
+
+    def predict(
+        self,
+        sentences: Sequence[tuple[str, str]] | Sequence[Sequence[str]],
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+    ) -> Any:
+        """sentence-transformers ``CrossEncoder.predict``'s shape: one score per ``(query, document)`` pair.
+
+        Args:
+            sentences: ``(query, document)`` pairs (tuples or two-element lists).
+            batch_size: Fixed batch size instead of the token budget.
+            show_progress_bar: See :meth:`score_pairs`.
+            convert_to_numpy: Return a numpy array (float64), as CrossEncoder returns an array; else a list.
+
+        Raises:
+            TypeError: A bare string, a dict, or an element that is not a pair of strings.
+        """
+        scores = self.score_pairs(sentences, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        if not convert_to_numpy:
+            return scores
+        import numpy as np
+
+        return np.asarray(scores, dtype=np.float64)

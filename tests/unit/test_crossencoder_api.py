@@ -1,0 +1,75 @@
+"""The CrossEncoder-shaped Ranker API (rank, predict, show_progress_bar) and tsarank.score's model cache, against
+the Ranker's own score / score_pairs (themselves checked against brute force in test_inference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tsarank
+from conftest import build_tiny_llama
+from tsarank.inference import Ranker
+from tsarank.prompts import PromptTemplate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUERY = "capital of france"
+DOCS = ["Paris is the capital and largest city of France.", "Bananas are an elongated edible fruit.",
+        "The mitochondria is the powerhouse of the cell.", "France borders Spain."]
+
+
+@pytest.fixture(scope="module")
+def ranker(tiny_tokenizer):
+    return Ranker(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, PromptTemplate())
+
+
+def test_rank_is_score_sorted_with_ids_and_texts(ranker):
+    scores = ranker.score(QUERY, DOCS)
+    want = sorted(range(len(DOCS)), key=lambda i: (-scores[i], i))
+    got = ranker.rank(QUERY, DOCS)
+    assert [r["corpus_id"] for r in got] == want and [r["score"] for r in got] == [scores[i] for i in want]
+    assert all(set(r) == {"corpus_id", "score"} for r in got)
+    top = ranker.rank(QUERY, DOCS, top_k=2, return_documents=True)
+    assert [(r["corpus_id"], r["text"]) for r in top] == [(i, DOCS[i]) for i in want[:2]]
+    with pytest.raises(TypeError, match="single string"):
+        ranker.rank(QUERY, "one document")
+    with pytest.raises(ValueError, match="top_k"):
+        ranker.rank(QUERY, DOCS, top_k=0)
+
+
+def test_predict_scores_pairs_like_score_pairs(ranker):
+    pairs = [(QUERY, d) for d in DOCS] + [["banana", DOCS[1]]]
+    got = ranker.predict(pairs)
+    assert isinstance(got, np.ndarray) and got.shape == (5,)
+    assert got.tolist() == ranker.score_pairs([tuple(p) for p in pairs])
+    assert ranker.predict(pairs, convert_to_numpy=False) == got.tolist()
+    for bad, message in (("q", "single string"), ([("q",)], r"pairs\[0\] must be a \(query, doc\) pair"),
+                         ([("q", "d", "e")], "pair"), ({"q": "d"}, "got a dict")):
+        with pytest.raises(TypeError, match=message):
+            ranker.predict(bad)
+
+
+def test_progress_bar_on_request_and_quiet_for_short_calls(ranker, capsys):
+    ranker.score(QUERY, DOCS, show_progress_bar=True)
+    err = capsys.readouterr().err
+    assert "score: 100%" in err and f"{len(DOCS)}/{len(DOCS)}" in err and "doc/s" in err
+    ranker.score(QUERY, DOCS)  # short: no bar unless asked
+    ranker.score(QUERY, DOCS, show_progress_bar=False)
+    assert capsys.readouterr().err == ""
+    ranker.rank(QUERY, DOCS, show_progress_bar=True)
+    assert "score: 100%" in capsys.readouterr().err
+
+
+def test_score_with_a_named_model_loads_it_once(tiny_checkpoint, monkeypatch):
+    loads = []
+    real = Ranker.from_pretrained.__func__
+
+    def counting(cls, name, **kwargs):  # the real loader, counted
+        loads.append(name)
+        return real(cls, name, **kwargs)
+
+    monkeypatch.setattr(Ranker, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(tsarank, "_RANKERS", type(tsarank._RANKERS)())
+    first = tsarank.score(QUERY, DOCS, model=str(tiny_checkpoint))
+    second = tsarank.score(QUERY, DOCS[:2], model=tiny_checkpoint)  # a Path names the same model
+    assert loads == [str(tiny_checkpoint)] and second == first[:2]
