@@ -89,6 +89,12 @@ class DataArguments:
     """Data files, template and token budgets."""
 
     train_file: str | None = field(default=None, metadata={"help": "training JSONL (weak pairs or ranking groups)"})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "training data from Hugging Face datasets instead of --train_file: a Hub id "
+                                "(e.g. Tevatron/msmarco-passage), a save_to_disk directory, or Parquet/JSON files"})
+    dataset_config: str | None = field(default=None, metadata={"help": "the dataset's configuration, if it has several"})
+    dataset_split: str = field(default="train", metadata={"help": "the split to train on (default train; train[:1000] "
+                                                                  "for a slice)"})
     validation_file: str | None = field(default=None, metadata={"help": "validation JSONL (same format)"})
     template: str | None = field(
         default=None, metadata={"help": "a named template: tsarank | rankinggpt (the released RankingGPT construction: "
@@ -114,6 +120,10 @@ class DataArguments:
         for name in ("max_train_samples", "rank_eval_max_queries"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad.append(f"--{name} must be >= 1 (or unset for all), got {getattr(self, name)}")
+        if self.dataset_name and self.train_file:
+            bad.append("give --train_file or --dataset_name, not both")
+        if self.dataset_config and not self.dataset_name:
+            bad.append("--dataset_config needs --dataset_name")
         if self.rank_eval_steps < 0:
             bad.append(f"--rank_eval_steps must be >= 0 (0 = off), got {self.rank_eval_steps}")
         elif self.rank_eval_steps and not (self.rank_eval_candidates and self.rank_eval_qrels):
@@ -121,6 +131,25 @@ class DataArguments:
                        "rank_eval_steps: 0")
         if bad:
             raise OptionError("; ".join(bad))
+
+    def use_dataset(self, parse: Any, kind: str) -> None:
+        """With ``dataset_name``: validate its split row by row (errors name ``NAME[SPLIT]:ROW``) and point
+        ``train_file`` at its JSON Lines copy (see :mod:`tsarank.data.hf_datasets`); without it, nothing."""
+        if not self.dataset_name:
+            return
+        from ..data.hf_datasets import materialize
+
+        self.train_file = str(materialize(self.dataset_name, self.dataset_config, self.dataset_split, parse, kind))
+
+    def relabel(self, exc: Exception) -> Exception:
+        """A :class:`~tsarank.errors.DataError` about the JSON Lines copy of ``dataset_name``, re-addressed to the
+        dataset's own ``NAME[SPLIT]:ROW`` (the copy's line N is the split's row N); anything else unchanged."""
+        from ..errors import DataError
+
+        if self.dataset_name and isinstance(exc, DataError) and exc.path == str(self.train_file):
+            where = f"{self.dataset_name}{'/' + self.dataset_config if self.dataset_config else ''}[{self.dataset_split}]"
+            return DataError(where, exc.line, exc.field, exc.message, exc.fix)
+        return exc
 
     def prompt_template(self, scoring_head: str = "query_likelihood"):
         """The :class:`tsarank.prompts.PromptTemplate` of this run (saved in the sidecar, so scoring reproduces it).

@@ -44,8 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, Any, Any, Any]:
         description="Stage 1: continual pre-training (query generation) on weak (text, query) pairs. Options come "
         "from a YAML --config and flags (flags win).",
     )
-    if not data_args.train_file:
-        raise OptionError("no training data: pass --train_file PAIRS.jsonl (build one with `tsarank data weak-pairs`)")
+    if not data_args.train_file and not data_args.dataset_name:
+        raise OptionError("no training data: pass --train_file PAIRS.jsonl (build one with `tsarank data weak-pairs`) "
+                          "or --dataset_name (a Hugging Face dataset)")
     from .model_setup import check_model_source
 
     check_model_source(model_args.model_name_or_path, "model_name_or_path")
@@ -97,6 +98,7 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
     from transformers import set_seed
 
     from ..data.collate import CPTCollator, build_cpt_dataset, validate_weak_pairs
+    from ..data.formats import parse_weak_pair
     from ..distributed import barrier
     from ..modeling import check_packing
     from .arguments import OptionError
@@ -119,6 +121,7 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
         callbacks = standard_callbacks(data_args, template)  # reads the ranking-eval files: fails early
         # Data before the model (and before the default model's first-use conversion): a bad line fails in seconds,
         # with its file:line, not after loading 8B weights.
+        data_args.use_dataset(parse_weak_pair, "weak-pairs")  # --dataset_name: rows checked, then read as a file
         for path in filter(None, (data_args.train_file, data_args.validation_file)):
             validate_weak_pairs(path)
         tokenizer = load_tokenizer(model_args.model_name_or_path)

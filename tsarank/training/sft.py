@@ -50,8 +50,8 @@ def train_files(data_args: DataArguments) -> list[str]:
     """The training files: ``train_file`` split on commas (YAML lists are not accepted by the parser)."""
     raw = data_args.train_file
     if not raw or not str(raw).strip():
-        raise OptionError("no training data: pass --train_file GROUPS.jsonl (several files: comma-separated); "
-                          "build groups with `tsarank data groups`")
+        raise OptionError("no training data: pass --train_file GROUPS.jsonl (several files: comma-separated) or "
+                          "--dataset_name (a Hugging Face dataset); build groups with `tsarank data groups`")
     files = [part.strip() for part in str(raw).split(",")]
     if any(not f for f in files):
         raise OptionError(f"--train_file {raw!r} has an empty entry; separate files with single commas")
@@ -259,8 +259,12 @@ def train(argv: Sequence[str] | None = None, extra_callbacks: Sequence[Any] = ()
 
     # 1. Everything that can be checked without a model comes first, so mistakes cost seconds, not a model load.
     loss_config, template = validate_options(model_args, data_args, sft_args, training_args)
+    data_args.use_dataset(parse_group, "groups")  # --dataset_name: its rows checked now, then read as a file
     files = train_files(data_args)
-    records, counts = load_group_files(files, sft_args.train_group_size, sft_args.loss, data_args.max_train_samples)
+    try:
+        records, counts = load_group_files(files, sft_args.train_group_size, sft_args.loss, data_args.max_train_samples)
+    except DataError as exc:
+        raise data_args.relabel(exc) from None
     eval_records = None
     if data_args.validation_file:
         eval_records, _ = load_group_files([data_args.validation_file], sft_args.train_group_size, sft_args.loss)
