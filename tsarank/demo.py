@@ -150,25 +150,45 @@ class DemoState:
         return self.data["done"].get(phase, {})
 
 
-def _run_logged(cmd: list[str], log: Path, estimate_s: int, desc: str) -> None:
-    """Run ``cmd`` with output to ``log``, showing an elapsed-vs-estimated bar; raise with the log's tail on error."""
+def _run_logged(cmd: list[str], log: Path, estimate_s: int, desc: str, steps: int | None = None) -> None:
+    """Run ``cmd`` with output to ``log`` and a progress bar; raise with the log's tail on error.
+
+    A training phase (``steps`` given) reports each step through a progress file
+    (:data:`tsarank.training.callbacks.PROGRESS_FILE_ENV`): the bar shows steps done, the last logged loss, steps
+    per second and the time left. Other phases show elapsed seconds against ``estimate_s``.
+    """
     from tqdm import tqdm
+
+    from .training.callbacks import PROGRESS_FILE_ENV
 
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.parent.mkdir(parents=True, exist_ok=True)
+    progress = log.with_suffix(".progress.json")
+    progress.unlink(missing_ok=True)
+    if steps:
+        env[PROGRESS_FILE_ENV] = str(progress)
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         start = time.time()
         try:
-            with tqdm(total=estimate_s, desc=desc, unit="s", bar_format="{desc}: {bar} {n:.0f}/~{total}s est.") as bar:
+            if steps:
+                bar_cm = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
+            else:
+                bar_cm = tqdm(total=estimate_s, desc=desc, unit="s", bar_format="{desc}: {bar} {n:.0f}/~{total}s est.")
+            with bar_cm as bar:
                 while proc.poll() is None:
                     time.sleep(1.0)
-                    bar.n = min(time.time() - start, bar.total)
-                    bar.refresh()
+                    if steps:
+                        _show_steps(bar, progress)
+                    else:
+                        bar.n = min(time.time() - start, bar.total)
+                        bar.refresh()
+                if steps:
+                    _show_steps(bar, progress)
         except BaseException:
             # Ctrl-C (or any error) here must not leave the phase running behind the prompt, still writing.
             proc.terminate()
@@ -181,6 +201,20 @@ def _run_logged(cmd: list[str], log: Path, estimate_s: int, desc: str) -> None:
     if proc.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{desc} failed (exit {proc.returncode}); full log: {log}\n--- last lines ---\n{tail}")
+
+
+def _show_steps(bar: Any, progress: Path) -> None:
+    """Move a step bar to what the training process last reported (a missing or half-written file: no change)."""
+    try:
+        info = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        return
+    if info.get("max_steps"):
+        bar.total = info["max_steps"]
+    bar.update(max(0, int(info.get("step", 0)) - bar.n))
+    if info.get("loss") is not None:
+        bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
+    bar.refresh()
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -227,7 +261,7 @@ class Demo:
             "--overwrite_output_dir", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "5",
             "--eval_strategy", "no", "--rank_eval_steps", "0",  # the demo evaluates once, at the end
         ]
-        _run_logged(cmd, self.p("logs", "cpt.log"), pr.estimates_s["cpt"], "2/6 CPT")
+        _run_logged(cmd, self.p("logs", "cpt.log"), pr.estimates_s["cpt"], "2/6 CPT", steps=pr.cpt_steps)
         return {"checkpoint": str(out)}
 
     def phase_groups(self) -> dict[str, Any]:
@@ -262,7 +296,7 @@ class Demo:
             "--score_transform", transform, "--temperature", str(temperature),
             "--gen_span", pr.sft_gen_span,
         ]
-        _run_logged(cmd, self.p("logs", "sft.log"), pr.estimates_s["sft"], "4/6 SFT")
+        _run_logged(cmd, self.p("logs", "sft.log"), pr.estimates_s["sft"], "4/6 SFT", steps=pr.sft_steps)
         return {"checkpoint": str(out), "scoring_head": pr.sft_scoring_head}
 
     def phase_evaluate(self) -> dict[str, Any]:

@@ -11,10 +11,12 @@ Collectives issued here use tensors on ``TrainingArguments.device`` (NCCL takes 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -308,6 +310,31 @@ class RankingEvalCallback(_BoundCallback):
         return control
 
 
+#: Environment variable naming a file a training run reports its progress to (what ``tsarank demo`` shows).
+PROGRESS_FILE_ENV = "TSARANK_PROGRESS_FILE"
+
+
+class ProgressFileCallback(TrainerCallback):
+    """Write ``{"step", "max_steps", "loss", "seconds"}`` to a file after every step (process zero only, replaced
+    atomically), so a parent process can show steps, loss, rate and time left without parsing logs."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.loss: float | None = None
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from ..atomic import atomic_write_text
+
+            atomic_write_text(self.path, json.dumps({"step": state.global_step, "max_steps": state.max_steps,
+                                                     "loss": self.loss, "seconds": round(time.time() - self.start, 2)}))
+
+
 def attach_callbacks(trainer: Any, callbacks: Iterable[TrainerCallback] = ()) -> list[TrainerCallback]:
     """Bind tsarank callbacks to ``trainer`` and insert them where they work.
 
@@ -335,6 +362,8 @@ def attach_callbacks(trainer: Any, callbacks: Iterable[TrainerCallback] = ()) ->
 def standard_callbacks(data_args: Any, template: PromptTemplate) -> list[TrainerCallback]:
     """Throughput + NaN guard, plus the ranking evaluation when ``data_args.rank_eval_steps`` and files are set."""
     cbs: list[TrainerCallback] = [ThroughputCallback(), NanGuardCallback()]
+    if os.environ.get(PROGRESS_FILE_ENV):
+        cbs.append(ProgressFileCallback(os.environ[PROGRESS_FILE_ENV]))
     steps = getattr(data_args, "rank_eval_steps", 0)
     cand, qrels = getattr(data_args, "rank_eval_candidates", None), getattr(data_args, "rank_eval_qrels", None)
     if steps and (cand is None or qrels is None):
