@@ -326,8 +326,12 @@ class ProgressFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
+            self._write(state)  # the loss is logged after the step ends
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._write(state)
+
+    def _write(self, state) -> None:
         if state.is_world_process_zero:
             from ..atomic import atomic_write_text
 
