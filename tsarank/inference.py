@@ -123,6 +123,11 @@ def check_docs(query: Any, docs: Any) -> list[str]:
     if isinstance(docs, Mapping):  # iterating a dict gives its keys: the ids would be scored, not the texts
         raise TypeError("docs must be a list of strings, got a dict; pass list(docs.values()) and keep "
                         "list(docs.keys()) to map the scores back to ids")
+    if hasattr(docs, "columns"):  # a DataFrame iterates over its column names
+        raise TypeError("docs must be a list of strings, got a DataFrame; pass one column, e.g. df['text'].tolist()")
+    if isinstance(docs, (set, frozenset)):  # no order: the scores could not be mapped back
+        raise TypeError("docs must be a list of strings, got a set (unordered: the scores could not be matched to "
+                        "the documents); pass a list")
     docs = list(docs)
     for i, d in enumerate(docs):
         if not isinstance(d, str):

@@ -162,13 +162,32 @@ def check_checkpoint_files(directory: str | os.PathLike, needs_tokenizer: bool =
     d = Path(directory)
     if not d.is_dir():
         return
-    if not any((d / f).is_file() for f in WEIGHT_FILES) and not any(d.glob("*.safetensors")):
+    # model-00001-of-00002.safetensors and the like count; tsarank_head / adapter_model files are not the model.
+    if not any((d / f).is_file() for f in WEIGHT_FILES) and not any(d.glob("model*.safetensors")):
         raise FileNotFoundError(f"{d}: no weight files (none of {', '.join(WEIGHT_FILES)}). Fix: the checkpoint was not "
                                 "saved completely; save or copy it again (model.save_pretrained(DIR))")
-    if needs_tokenizer and not _has_tokenizer(str(d)):
+    if needs_tokenizer:
+        check_tokenizer_files(d)
+
+
+def check_tokenizer_files(directory: str | os.PathLike) -> None:
+    """A local checkpoint directory holds a tokenizer vocabulary, and its ``tokenizer.json`` / ``tokenizer_config.json``
+    parse: checked from the files, before any weights load.
+
+    Raises:
+        FileNotFoundError: No vocabulary file.
+        ModelLoadError: A tokenizer JSON file that is not valid JSON (named).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    if not _has_tokenizer(str(d)):
         raise FileNotFoundError(f"{d}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}) in this checkpoint "
                                 "directory. Fix: copy them from the model it was trained from "
                                 "(tokenizer.save_pretrained(DIR))")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (d / name).is_file():
+            read_json(d / name)
 
 
 def load_tokenizer_checked(source: str, **kwargs: Any) -> Any:
@@ -230,11 +249,11 @@ def resolve_checkpoint(name_or_path: str, template: PromptTemplate | str | None 
                          "head) cannot score with it. Fix: a "
                          "query-likelihood template (template='tsarank' or 'rankinggpt'), or a checkpoint trained "
                          "with the last-token head")
-    source = spec.tokenizer_source or spec.name_or_path
-    if Path(source).is_dir() and not _has_tokenizer(source):
-        raise FileNotFoundError(f"{source}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}) in this "
-                                "checkpoint directory. Fix: copy them from the model it was trained from "
-                                "(tokenizer.save_pretrained(DIR))")
+    if spec.kind in ("lora", "rankllama") and Path(name_or_path).is_dir() and not any(
+            (Path(name_or_path) / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(f"{name_or_path}: a LoRA adapter directory without adapter_model.safetensors (or .bin). "
+                                "Fix: the adapter was not saved completely; save or copy it again")
+    check_tokenizer_files(spec.tokenizer_source or spec.name_or_path)
     return spec
 
 

@@ -836,11 +836,35 @@ def test_checkpoints_missing_or_corrupt_files_are_one_line_naming_them(tmp_path,
         assert rc == 2 and message in err and "Traceback" not in err, (model, err)
         with pytest.raises(OSError, match=message.split(":")[-1].strip()):
             Ranker.from_pretrained(str(model))
+    # A corrupt tokenizer.json: named before the corpus is read or any weights load, in every entry point.
     bad_tok = variant("bad-tokenizer", corrupt="tokenizer.json")
-    assert cli(["rerank", *inputs, "--model", str(bad_tok), "--template", "rankinggpt", "--out",
-                str(tmp_path / "o.trec")]) == 2
+    for template in ([], ["--template", "rankinggpt"]):
+        assert cli(["rerank", *inputs, "--model", str(bad_tok), *template, "--out", str(tmp_path / "o.trec")]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad_tok / 'tokenizer.json'}: not valid JSON" in err and "corpus.tsv" not in err, err
+    rc = sft.main(_sft_argv(bad_tok, _groups(tmp_path / "g.jsonl"), tmp_path / "o-sft"))
     err = capsys.readouterr().err
-    assert f"{bad_tok}: its tokenizer cannot be loaded" in err and "corpus.tsv" not in err, err
+    assert rc == 2 and "tokenizer.json: not valid JSON" in err and "Traceback" not in err, err
+    with pytest.raises(OSError, match="tokenizer.json: not valid JSON"):
+        Ranker.from_pretrained(str(bad_tok))
+    # Only a last-token head left (no model weights): the head file is not the model.
+    head_only = variant("head-only", drop=("model.safetensors",))
+    (head_only / "tsarank_head.safetensors").write_bytes((tiny_checkpoint / "model.safetensors").read_bytes()[:64])
+    rc = sft.main(_sft_argv(head_only, _groups(tmp_path / "g.jsonl"), tmp_path / "o-sft"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "no weight files" in err and "Traceback" not in err, err
+    # A LoRA adapter directory without its weights.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_checkpoint),
+                                                             "peft_type": "LORA", "task_type": "CAUSAL_LM"}))
+    assert cli(["rerank", *inputs, "--model", str(adapter), "--out", str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "without adapter_model.safetensors" in err and "corpus.tsv" not in err, err
+    # The default model has no last-token head either.
+    assert cli(["rerank", *inputs, "--template", "rankllama", "--out", str(tmp_path / "o.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "the default model has none" in err and "corpus.tsv" not in err, err
     # A last-token template on a checkpoint with no trained head: refused before the corpus is read.
     assert cli(["rerank", *inputs, "--model", str(tiny_checkpoint), "--template", "rankllama", "--out",
                 str(tmp_path / "o.trec")]) == 2
@@ -880,6 +904,16 @@ def test_odd_yaml_keys_are_one_line_with_file_and_line(text, message, tmp_path, 
     assert f"{config}{message}" in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
+def test_yaml_merge_keys_work_as_yaml_says(tmp_path):
+    """`<<: {learning_rate: 3}` merges (a traceback for a moment during the third review's fixes)."""
+    from tsarank.training.arguments import TsarankTrainingArguments, parse_stage_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 1\n<<: {learning_rate: 3}\n")
+    (args,) = parse_stage_args([TsarankTrainingArguments], ["--config", str(config), "--output_dir", str(tmp_path)])
+    assert args.learning_rate == 3.0 and args.max_steps == 1
+
+
 def test_api_refuses_a_dict_of_documents(model, tiny_tokenizer):
     """Iterating a dict gives its keys: `score(q, {"d1": "Paris..."})` scored the id "d1"."""
     from tsarank.prompts import PromptTemplate
@@ -891,6 +925,13 @@ def test_api_refuses_a_dict_of_documents(model, tiny_tokenizer):
         ranker.rerank("capital of france", {"d1": DOCS[0]})
     with pytest.raises(TypeError, match="got a dict"):
         ranker.score_pairs({"capital of france": DOCS[0]})
+    import pandas as pd
+
+    with pytest.raises(TypeError, match="got a DataFrame"):  # iterating it gives the column names
+        ranker.score("capital of france", pd.DataFrame({"text": DOCS}))
+    with pytest.raises(TypeError, match="got a set"):
+        ranker.score("capital of france", set(DOCS))
+    assert ranker.score("capital of france", pd.Series(DOCS)) == ranker.score("capital of france", DOCS)
 
 
 def test_retrieve_k1_inf_and_empty_devices_are_refused(tmp_path, capsys):

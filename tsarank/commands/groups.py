@@ -53,9 +53,11 @@ def add_groups_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     if not parser.description:
         parser.description = DESCRIPTION
-    parser.add_argument("--corpus", required=True, metavar="DIR_OR_FILE", help="BEIR dataset directory, corpus.jsonl, or TSV 'docid<TAB>text'")
+    parser.add_argument("--corpus", metavar="DIR_OR_FILE", help="BEIR dataset directory, corpus.jsonl, TSV 'docid<TAB>text', or irds:ID")
+    parser.add_argument("--dataset", metavar="ID", help="an ir_datasets id (e.g. beir/nfcorpus/train): its documents, queries "
+                        "and qrels instead of --corpus/--queries/--qrels (pip install 'tsarank[irds]')")
     parser.add_argument("--queries", metavar="FILE", help="queries.jsonl or TSV 'qid<TAB>text' (default with a BEIR directory: DIR/queries.jsonl)")
-    parser.add_argument("--qrels", required=True, metavar="QRELS_OR_SPLIT", help="qrels file (TREC or BEIR tsv), or a split name of the BEIR directory (e.g. train)")
+    parser.add_argument("--qrels", metavar="QRELS_OR_SPLIT", help="qrels file (TREC or BEIR tsv), or a split name of the BEIR directory (e.g. train)")
     parser.add_argument("--run", metavar="FILE", help="TREC run to take negatives from; without it, BM25 over --corpus")
     parser.add_argument("--out", required=True, help="output group JSONL (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -95,7 +97,16 @@ def run_groups(args: argparse.Namespace) -> int:
 def _run_groups(args: argparse.Namespace) -> int:
     from tsarank.retrieval import bm25_options, queries_source
 
+    from ..data.irds import apply_dataset
+
     out = Path(args.out)
+    try:
+        apply_dataset(args, ("corpus", "queries", "qrels"))
+        if not args.corpus or not args.qrels:
+            raise ValueError("give --corpus and --qrels (files, a BEIR directory and split, or irds:ID) or --dataset ID")
+    except (DataError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     corpus_path = Path(args.corpus)
     try:
         _check_window(args.depth_start, args.depth_end, args.negatives)

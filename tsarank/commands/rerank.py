@@ -52,7 +52,7 @@ META_SUFFIX = ".partial.json"  # the options of the run that wrote the sidecar: 
 RUN_OPTIONS = ("model", "top_k", "tag", "dtype", "device", "attn_implementation", "max_tokens", "batch_size",
                "chunk_docs", "template", "max_doc_tokens", "max_query_tokens", "max_length", "max_queries")
 # Inputs a resume must read unchanged (recorded by path, size and modification time).
-INPUT_OPTIONS = ("candidates", "run", "queries", "corpus")
+INPUT_OPTIONS = ("candidates", "run", "queries", "corpus", "dataset")
 # Documents per chunk (one flush to the sidecar): a few CPU batches, or one large GPU batch.
 DEFAULT_CHUNK_DOCS = {"cpu": 256, "cuda": 2048}
 _MISSING_SHOWN = 5
@@ -67,7 +67,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     src = p.add_argument_group("candidates (either --candidates, or --run with --queries and --corpus)")
     src.add_argument("--candidates", metavar="JSON", help="rank_llm JSON, either layout: Request JSONL {\"query\": {\"text\", "
                      "\"qid\"}, \"candidates\": [{\"docid\", \"score\", \"doc\"}]} or [{\"query\", \"hits\": [{\"qid\", \"docid\", \"content\"}]}]")
-    src.add_argument("--run", metavar="RUN", help="first-stage TREC run 'qid Q0 docid rank score tag'")
+    src.add_argument("--run", metavar="RUN", help="first-stage TREC run 'qid Q0 docid rank score tag' (or irds:ID: its scoreddocs)")
+    src.add_argument("--dataset", metavar="ID", help="an ir_datasets id (e.g. beir/scifact/test): its queries and documents; "
+                     "the first stage is --run, else the dataset's scoreddocs, else BM25 (--k1 --b --stemmer --stopwords) "
+                     "(pip install 'tsarank[irds]')")
+    from tsarank.retrieval import add_bm25_arguments
+
+    add_bm25_arguments(p.add_argument_group("BM25 first stage (with --dataset, when it has no scoreddocs and no --run)"))
     src.add_argument("--queries", metavar="Q", help="queries.jsonl or TSV 'qid<TAB>text'")
     src.add_argument("--corpus", metavar="C", help="BEIR corpus.jsonl (or its directory) or TSV 'docid<TAB>text'")
     p.add_argument("--top-k", type=int, default=100, help="re-rank (and write) the first K candidates of each query (default 100)")
@@ -232,6 +238,8 @@ def run_options(args: argparse.Namespace) -> dict[str, object]:
     for name in INPUT_OPTIONS:
         if getattr(args, name, None):
             options[name] = _fingerprint(str(getattr(args, name)))
+    if getattr(args, "dataset", None) and not args.run:  # the first stage may be BM25 with these options
+        options["dataset"] += f" (BM25 if no scoreddocs: k1 {args.k1}, b {args.b}, {args.stemmer}, {args.stopwords})"
     return options
 
 
@@ -312,8 +320,12 @@ def _check_model_options(args: argparse.Namespace) -> None:
             check_room(load_tokenizer_checked(spec.tokenizer_source or spec.name_or_path,
                                               trust_remote_code=args.trust_remote_code), chosen)
     else:  # the default model scores with the named "tsarank" template unless told otherwise
-        from tsarank.prompts import PromptTemplate
+        from tsarank.prompts import LAST_TOKEN, PromptTemplate
 
+        if PromptTemplate.named(args.template or "tsarank").scoring_head == LAST_TOKEN:
+            raise ValueError(f"--template {args.template}: a last-token template needs a trained head, and the default "
+                             "model has none. Fix: --template tsarank or rankinggpt, or a checkpoint trained with the "
+                             "last-token head")
         PromptTemplate.named(args.template or "tsarank").with_budgets(args.max_doc_tokens, args.max_query_tokens, args.max_length)
     from tsarank.backend import resolve_attn_implementation, resolve_dtype
 
@@ -341,6 +353,14 @@ def _check_args(args: argparse.Namespace) -> None:
         from tsarank.prompts import PromptTemplate
 
         PromptTemplate.named(args.template)  # an unknown name fails now, listing the known ones
+    if getattr(args, "dataset", None):
+        if args.candidates or args.queries or args.corpus:
+            raise ValueError(f"--dataset {args.dataset} provides the queries and documents; drop --candidates, --queries "
+                             "and --corpus (a --run of your own is fine)")
+        from tsarank.retrieval import bm25_options
+
+        bm25_options(args)  # checked now, used when the dataset has no first stage
+        return
     given = [n for n in ("run", "queries", "corpus") if getattr(args, n)]
     if args.candidates and given:
         raise ValueError("give either --candidates (rank_llm JSON) or --run/--queries/--corpus, not both")
@@ -452,7 +472,9 @@ def _run(args: argparse.Namespace, group) -> int:
                 f"found {existing[0]} from an interrupted run; pass --resume to continue it, or delete it to start over"
             )
         _check_model_options(args)
-        if args.candidates:
+        if getattr(args, "dataset", None):
+            lists, missing = _dataset_candidates(args)
+        elif args.candidates:
             lists, missing = load_candidates(candidates=args.candidates, top_k=args.top_k)
         else:
             lists, missing = load_candidates(run=args.run, queries=args.queries, corpus=args.corpus, top_k=args.top_k)
@@ -628,6 +650,23 @@ def _score_chunks(ranker, args: argparse.Namespace, sidecar: Path, todo: list[li
             fh.flush()
             written[0] += len(cands)  # in the file now (an interrupt inside fsync does not take it back)
             os.fsync(fh.fileno())
+
+
+def _dataset_candidates(args: argparse.Namespace):
+    """``--dataset ID``: its queries and documents, the first stage from ``--run``, else the dataset's scoreddocs,
+    else BM25 with ``tsarank retrieve``'s options (computed identically on every process)."""
+    from tsarank.data import irds
+    from tsarank.data.formats import load_candidates, read_corpus, read_queries
+
+    src = irds.PREFIX + irds.dataset_id(args.dataset)
+    run = args.run or (src if irds.has_scoreddocs(src) else None)
+    if run is not None:
+        return load_candidates(run=run, queries=src, corpus=src, top_k=args.top_k)
+    from tsarank.retrieval import bm25_options, bm25_retrieve
+
+    queries, corpus = read_queries(src), read_corpus(src)
+    first = bm25_retrieve(corpus, queries, top_k=args.top_k, **bm25_options(args))
+    return load_candidates(run=first, queries=queries, corpus=corpus, top_k=args.top_k)
 
 
 def _load_ranker(args: argparse.Namespace, quiet: bool = False):

@@ -29,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "retrieve", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, metavar="DIR_OR_FILE", help="BEIR dataset directory, corpus.jsonl, or TSV 'docid<TAB>text'")
+    parser.add_argument("--corpus", metavar="DIR_OR_FILE", help="BEIR dataset directory, corpus.jsonl, TSV 'docid<TAB>text', or irds:ID")
+    parser.add_argument("--dataset", metavar="ID", help="an ir_datasets id (e.g. beir/scifact/test): its documents, queries "
+                        "and qrels instead of --corpus/--queries/--qrels (pip install 'tsarank[irds]')")
     parser.add_argument("--queries", metavar="FILE", help="queries.jsonl or TSV 'qid<TAB>text' (default with a BEIR directory: DIR/queries.jsonl)")
     parser.add_argument("--qrels", metavar="QRELS_OR_SPLIT", help="qrels file, or a split name of the BEIR directory; only judged queries are retrieved")
     parser.add_argument("--qrels-split", metavar="SPLIT", help="BEIR split (e.g. test): use DIR/qrels/SPLIT.tsv")
@@ -75,7 +77,16 @@ def _run(args: argparse.Namespace) -> int:
     from tsarank.atomic import check_output_file
     from tsarank.retrieval import bm25_options, bm25_retrieve, queries_source
 
+    from tsarank.data.irds import apply_dataset
+
     out = Path(args.out)
+    try:
+        apply_dataset(args, ("corpus", "queries", "qrels"))
+        if not args.corpus:
+            raise ValueError("give --corpus (a BEIR directory, corpus file or irds:ID) or --dataset ID")
+    except (DataError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     corpus_path = Path(args.corpus)
     try:
         if args.top_k < 1:

@@ -35,6 +35,8 @@ from typing import IO, Any, TypeVar
 from tsarank.atomic import atomic_open
 from tsarank.errors import DataError, describe
 
+from . import irds as _irds
+
 __all__ = [
     "Doc",
     "CandidateList",
@@ -413,6 +415,8 @@ def read_corpus(path: PathLike) -> dict[str, Doc]:
         DataError: Bad JSON, missing/mistyped fields, a TSV line without a tab,
             or a duplicate docid (naming both lines).
     """
+    if _irds.is_irds(path):  # irds:ID, an ir_datasets dataset
+        return {docid: Doc(docid, title, text) for docid, title, text in _irds.corpus(path)}
     path = _resolve_beir_member(Path(path), "corpus.jsonl")
     jsonl = _looks_like_jsonl(path)
     corpus: dict[str, Doc] = {}
@@ -470,6 +474,8 @@ def read_queries(path: PathLike) -> dict[str, str]:
         DataError: Bad JSON, missing/mistyped fields, empty query text, a TSV
             line without a tab, or a duplicate qid (naming both lines).
     """
+    if _irds.is_irds(path):
+        return _irds.queries(path)
     path = _resolve_beir_member(Path(path), "queries.jsonl")
     jsonl = _looks_like_jsonl(path)
     queries: dict[str, str] = {}
@@ -534,6 +540,8 @@ def read_qrels(path: PathLike) -> dict[str, dict[str, int]]:
     Raises:
         DataError: Wrong column count, non-integer grade, conflicting duplicates.
     """
+    if _irds.is_irds(path):
+        return _irds.qrels(path)
     path = Path(path)
     qrels: dict[str, dict[str, int]] = {}
     ncols: int | None = None
@@ -593,6 +601,8 @@ def read_run(path: PathLike) -> dict[str, list[tuple[str, float]]]:
         DataError: Wrong column count, non-numeric rank/score, NaN score, or the
             same (qid, docid) twice (naming both lines).
     """
+    if _irds.is_irds(path):  # the dataset's scoreddocs, in trec_eval's order
+        return {qid: trec_order(ranked) for qid, ranked in _irds.scoreddocs(path).items()}
     path = Path(path)
     rows: dict[str, dict[str, tuple[float, int, int]]] = {}
     for number, text in iter_lines(path):

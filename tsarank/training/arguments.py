@@ -436,7 +436,10 @@ def _key_lines(text: str, path: str) -> dict[Any, int]:
     for k, _ in node.value:
         if isinstance(k, yaml.ScalarNode):
             # The key as safe_load reads it (`true:` is True, `1:` is 1), so lookups by the loaded keys find it.
-            key = k.value if k.tag == "tag:yaml.org,2002:str" else yaml.safe_load(k.value)
+            try:
+                key = k.value if k.tag == "tag:yaml.org,2002:str" else yaml.safe_load(k.value)
+            except yaml.YAMLError:  # `<<:` (a merge key) and the like: named by their text
+                key = k.value
             if key in lines:
                 raise OptionError(f"{path}:{k.start_mark.line + 1}: '{k.value}' is given twice (first on line "
                                   f"{lines[key]}); keep one")

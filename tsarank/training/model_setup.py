@@ -90,7 +90,7 @@ def check_model_source(value: str | None, flag: str, needs_tokenizer: bool = Tru
                           "(a *ForCausalLM architecture)")
     try:
         check_checkpoint_files(p, needs_tokenizer=needs_tokenizer)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ModelLoadError) as exc:
         raise OptionError(f"--{flag} {exc}") from None
 
 
