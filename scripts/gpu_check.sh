@@ -9,9 +9,10 @@
 # on DL19 (docs/s, rankings agree); one SFT step against the full-logits baseline (peak CUDA memory); ZeRO-3 SFT on 1
 # GPU and, with two, on 2 (no hang, equal losses); sharded `tsarank rerank --devices` on all GPUs (byte-identical).
 #
-# It installs only what is missing, and only from wheels: tsarank itself (editable, no dependencies pulled), then
-# flash-attn if absent (`--only-binary`: never a source build; without a wheel for this torch and CUDA the
-# FlashAttention-2 figures are skipped and the section says so). Torch is never installed or replaced here.
+# tsarank runs from this checkout (PYTHONPATH), installed or not. Missing dependencies are named up front; flash-attn
+# is installed only from a wheel (`--only-binary`, e.g. one in $PIP_FIND_LINKS: PyPI itself has source archives only,
+# and a source build takes far longer than the check), else the FlashAttention-2 figures are skipped and the section
+# says so. Torch is never installed or replaced here. Data: ../shared/data, or TSARANK_DATA=DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,13 +38,18 @@ if [[ $DRY == 0 ]]; then
         echo "gpu_check: torch $("$PYTHON" -c 'import torch; print(torch.__version__)') sees no CUDA device; run with --dry-run on a CPU" >&2
         exit 2
     fi
-    if ! "$PYTHON" -c "import tsarank" 2>/dev/null; then
-        "$PYTHON" -m pip install --no-deps -e . >/dev/null
-    fi
     if ! "$PYTHON" -c "import flash_attn" 2>/dev/null; then
         echo "gpu_check: flash-attn missing; trying a wheel (never a source build)"
         "$PYTHON" -m pip install --only-binary=:all: --no-deps --retries 0 --timeout 15 flash-attn >/dev/null 2>&1 \
             || echo "gpu_check: no flash-attn wheel for this torch/CUDA (or no network); FlashAttention-2 checks are skipped"
     fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+missing=()
+for mod in transformers peft deepspeed ir_measures bm25s gguf safetensors yaml; do
+    "$PYTHON" -c "import $mod" 2>/dev/null || missing+=("$mod")
+done
+if (( ${#missing[@]} )); then
+    echo "gpu_check: missing Python packages: ${missing[*]} (pip install -e . installs them); the steps needing them will fail" >&2
 fi
 exec timeout 480 "$PYTHON" scripts/gpu_check.py "${args[@]}"

@@ -3,9 +3,11 @@
 - **device**: ``None`` means CUDA when available, else CPU.
 - **dtype** ``"auto"``: bf16 where the device computes it natively (CUDA compute capability 8.0 or newer:
   Ampere, Hopper, ...; a CPU with AVX512-BF16 or AMX), fp32 otherwise. ``torch.cuda.is_bf16_supported()`` also
-  counts emulation, which would give V100 / T4 slow bf16; the capability is what decides here. On CPUs the rule is
-  measured, not assumed: ``scripts/bench_cpu_bf16.py`` scores DL19 with both dtypes (on a Xeon with AMX: 2.3x the
-  docs/s, nDCG@10 within 0.0002 of fp32); a CPU without those instructions emulates bf16 slowly and keeps fp32.
+  counts emulation, which would give V100 / T4 slow bf16; the capability is what decides here. On CPUs,
+  ``scripts/bench_cpu_bf16.py`` measures the rule: on a Xeon with AMX, 2.3x the docs/s at nDCG@10 within 0.0002 of
+  fp32. CPUs with AVX512-BF16 but no AMX (Cooper Lake, Zen 4) are expected to gain less and have not been measured
+  yet: run the script there, and pass ``dtype="float32"`` where it shows no gain. A CPU without either emulates bf16
+  slowly and keeps fp32.
 - **attention** ``"auto"``: FlashAttention-2 when all of its conditions hold (the ``flash_attn`` package imports,
   a CUDA device of capability 8.0 or newer, fp16/bf16 compute), SDPA otherwise. Asking for
   ``"flash_attention_2"`` explicitly when a condition fails is an error that names the condition and the fix,

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .backend import check_device_available, resolve_dtype
-from .distributed import world
 from .modeling import LastTokenHead, last_token_scores, query_likelihood_scores
 from .prompts import LAST_TOKEN, EncodedPair, PromptTemplate, check_query, check_room, encode_pairs
 from .wrappers import is_zero3_param
@@ -100,6 +99,11 @@ def positive_int_or_none(value: Any, name: str) -> int | None:
 
 def _check_batch_size(batch_size: Any) -> None:
     positive_int_or_none(batch_size, "batch_size")
+
+
+def _partitioned(model: nn.Module) -> bool:
+    """The weights are DeepSpeed ZeRO-3 partitions (gathered collectively by every process at each forward)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 #: ``show_progress_bar=None`` shows a bar from this many pairs on (about a minute of CPU scoring).
@@ -295,9 +299,10 @@ class Ranker:
                 try:
                     out = self._forward(collate_pairs([encoded[i] for i in idx], self.pad_id, self.device))
                 except RuntimeError as err:
-                    # Inside a distributed run (ranking evaluation under ZeRO-3) every process must run the same
-                    # batches, so a local retry with other batch sizes is not an option there.
-                    if self.device.type != "cuda" or not _is_oom(err) or len(idx) == 1 or world()[1] > 1:
+                    # With ZeRO-3-partitioned weights (ranking evaluation during training) every process must run
+                    # the same batches, so a local retry with other batch sizes is not an option there. Sharded
+                    # scoring (rerank on several processes) has whole models per process: it backs off like one.
+                    if self.device.type != "cuda" or not _is_oom(err) or len(idx) == 1 or _partitioned(self.model):
                         raise
                     torch.cuda.empty_cache()
                     half = len(idx) // 2

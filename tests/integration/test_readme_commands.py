@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integration
 # Appended to a command by its first words: the same command on less work.
 LIMITS = {
     "tsarank rerank": ["--max-queries", "2", "--top-k", "5"],
+    "IR_DATASETS_HOME=irds_home tsarank rerank": ["--max-queries", "2", "--top-k", "5"],
     "tsarank data weak-pairs": ["--max-pairs", "40"],
     "tsarank data groups": ["--max-queries", "6"],
     "tsarank train": ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1"],
@@ -72,3 +74,24 @@ def test_readme_commands_run_as_written_in_order(shared_data, tmp_path):
                      "dl19.top20.trec"):
         assert (work / produced).is_file(), produced
     assert "nDCG@10" in proc.stdout
+    for produced in ("scifact.irds.trec", "dl19.rank_llm.jsonl", "groups.parquet", "out/sft-parquet/config.json"):
+        assert (work / produced).is_file(), produced
+
+    # The Python snippets of "Use it with...", in order, in the same place (they read what the commands wrote).
+    snippets = readme_snippets("Use it with")
+    assert len(snippets) >= 2, snippets
+    outputs = []
+    for code in snippets:
+        run = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, code + "\n" + run.stderr[-4000:]
+        outputs.append(run.stdout)
+    assert "'corpus_id': 0" in outputs[0] and "nDCG@10" in outputs[1] and "tsarank" in outputs[1], outputs
+
+
+def readme_snippets(section: str) -> list[str]:
+    """The ```python blocks of one README section (``## {section}...`` up to the next ``## ``)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"## {section}")
+    end = text.find("\n## ", start + 3)
+    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)

@@ -133,3 +133,19 @@ def test_unset_bf16_trains_in_bf16_on_cpus_that_have_it(monkeypatch, tmp_path, f
     config.write_text("bf16: false\n")
     (args,) = parse_stage_args([TsarankTrainingArguments], [*base, "--config", str(config)])
     assert args.bf16 is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only rule")
+def test_quick_demo_spends_bf16_speed_on_deeper_beir_evaluation(monkeypatch):
+    from tsarank.demo import PRESETS, for_this_machine
+
+    quick = PRESETS["quick"]
+    monkeypatch.setattr(backend, "cpu_bf16_flags", lambda: set())
+    assert for_this_machine(quick) == quick  # a CPU without bf16 instructions: unchanged
+    monkeypatch.setattr(backend, "cpu_bf16_flags", lambda: {"amx_bf16"})
+    fast = for_this_machine(quick)
+    assert fast.max_queries == {**quick.max_queries, "scifact": 30, "nfcorpus": 30} and fast.beir_top_k == 20
+    # Training sizes unchanged, so models trained on either machine compare.
+    assert (fast.cpt_steps, fast.sft_steps, fast.weak_pairs, fast.top_k) == \
+           (quick.cpt_steps, quick.sft_steps, quick.weak_pairs, quick.top_k)
+    assert for_this_machine(PRESETS["full"]) == PRESETS["full"]

@@ -73,3 +73,36 @@ def test_score_with_a_named_model_loads_it_once(tiny_checkpoint, monkeypatch):
     first = tsarank.score(QUERY, DOCS, model=str(tiny_checkpoint))
     second = tsarank.score(QUERY, DOCS[:2], model=tiny_checkpoint)  # a Path names the same model
     assert loads == [str(tiny_checkpoint)] and second == first[:2]
+
+
+def test_cuda_oom_backs_off_in_halves_also_among_several_scoring_processes(ranker, monkeypatch):
+    """A CPU proxy of the GPU path: the device reads as CUDA and forwards of more than 2 sequences raise CUDA's OOM
+    (the process may be one of several scoring processes: sharded rerank). Scores must equal plain scoring; only ZeRO-3
+    partitioned weights (every process gathers them at each forward) may not retry alone."""
+    import torch
+
+    from tsarank import inference
+
+    pairs = [(QUERY, d) for d in DOCS * 3]
+    want = ranker.score_pairs(pairs)
+    real_forward, real_collate = Ranker._forward, inference.collate_pairs
+    sizes = []
+
+    def tight_forward(self, batch):
+        sizes.append(batch.input_ids.shape[0])
+        if sizes[-1] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, batch)
+
+    proxy = Ranker(ranker.model, ranker.tokenizer, ranker.template, max_tokens=4096)
+    monkeypatch.setattr(Ranker, "_forward", tight_forward)
+    monkeypatch.setattr(Ranker, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(inference, "collate_pairs", lambda enc, pad, device: real_collate(enc, pad, torch.device("cpu")))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    got = proxy.score_pairs(pairs)
+    assert got == pytest.approx(want, abs=1e-5) and max(sizes) > 2  # it could only finish by halving
+    # ZeRO-3 partitions: no local retry.
+    monkeypatch.setattr(next(proxy.model.parameters()), "ds_id", 0, raising=False)
+    proxy.max_tokens = 4096
+    with pytest.raises(RuntimeError, match="out of memory"):
+        proxy.score_pairs(pairs)

@@ -93,3 +93,17 @@ def test_bad_rows_and_options_are_named_before_loading(tmp_path, tiny_checkpoint
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_config_train_file_gives_way_to_dataset_name_on_the_command_line(tmp_path):
+    from tsarank.training.arguments import DataArguments, OptionError, parse_stage_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train_file: groups.jsonl\n")
+    (args,) = parse_stage_args([DataArguments], ["--config", str(config), "--dataset_name", "x.parquet"])
+    assert args.train_file is None and args.dataset_name == "x.parquet"
+    with pytest.raises(OptionError, match="not both"):
+        parse_stage_args([DataArguments], ["--train_file", "a.jsonl", "--dataset_name", "x.parquet"])
+    config.write_text("dataset_name: x.parquet\n")
+    with pytest.raises(OptionError, match="not both"):  # the file is named on the command line: ambiguous
+        parse_stage_args([DataArguments], ["--config", str(config), "--train_file", "a.jsonl"])

@@ -33,7 +33,8 @@ class ModelArguments:
         default="default",
         metadata={"help": "HF id or local checkpoint; 'default' = the embedded SmolLM2-135M-Instruct"},
     )
-    dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
+    dtype: str = field(default="auto", metadata={"help": "weights: float32 | bfloat16 | auto (fp32 master weights; bf16 "
+                                                          "under DeepSpeed with --bf16)"})
     attn_implementation: str = field(
         default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2 (auto = FA2 when installed on CUDA)"}
     )
@@ -120,8 +121,6 @@ class DataArguments:
         for name in ("max_train_samples", "rank_eval_max_queries"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad.append(f"--{name} must be >= 1 (or unset for all), got {getattr(self, name)}")
-        if self.dataset_name and self.train_file:
-            bad.append("give --train_file or --dataset_name, not both")
         if self.dataset_config and not self.dataset_name:
             bad.append("--dataset_config needs --dataset_name")
         if self.rank_eval_steps < 0:
@@ -502,6 +501,13 @@ def parse_stage_args(
     # The parser also returns a Namespace for --config itself; keep only the dataclass instances.
     kept = tuple(i for i in instances if isinstance(i, tuple(types)))
     _check_finite(kept, config_path)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for obj in kept:
+        if getattr(obj, "dataset_name", None) and getattr(obj, "train_file", None):
+            if "--train_file" not in given and "--dataset_name" in given:
+                obj.train_file = None  # a config's train_file gives way to a --dataset_name on the command line
+            else:
+                raise OptionError("give --train_file or --dataset_name, not both")
     return kept
 
 
