@@ -151,6 +151,8 @@ def check_pairs(pairs: Any) -> list[tuple[str, str]]:
     if isinstance(pairs, Mapping):
         raise TypeError("pairs must be a list of (query, doc) pairs, got a dict; pass list(pairs.items()) if it maps "
                         "queries to documents")
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
+        raise TypeError("pairs must be a list of (query, doc) pairs, got one pair; wrap it in a list: [(query, doc)]")
     pairs = list(pairs)
     for i, pair in enumerate(pairs):
         if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:

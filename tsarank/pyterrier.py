@@ -61,6 +61,11 @@ class TsarankReRanker(pt.Transformer):
             out["score"] = []
             out["rank"] = []
             return out
+        lacking = out[self.text_field].isna() | out["query"].isna()
+        if lacking.any():  # a docno get_text did not find: scoring the string "nan" would rank it silently
+            bad = out.loc[lacking, ["qid", "docno"]].head(3).to_dict("records")
+            raise ValueError(f"TsarankReRanker: {int(lacking.sum())} rows have no {self.text_field!r} or query "
+                             f"(e.g. {bad}); check that the text lookup knows every docno")
         pairs = list(zip(out["query"].astype(str), out[self.text_field].astype(str)))
         out["score"] = self.ranker.score_pairs(pairs, batch_size=self.batch_size,
                                                show_progress_bar=self.show_progress_bar)

@@ -90,3 +90,42 @@ def test_unknown_ids_and_clashing_options_are_one_line(irds_home, tmp_path):
                  ok=False)
     assert p.returncode == 2 and "provides the queries and documents; drop" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+REGISTER = """
+import sys
+import ir_datasets
+from ir_datasets.datasets.base import Dataset
+from ir_datasets.formats import TrecQrels, TrecScoredDocs, TsvDocs, TsvQueries
+from ir_datasets.util import LocalDownload
+
+d = sys.argv[1]
+ir_datasets.registry.register("tsarank-test/tiny", Dataset(
+    TsvDocs(LocalDownload(d + "/docs.tsv")), TsvQueries(LocalDownload(d + "/queries.tsv")),
+    TrecScoredDocs(LocalDownload(d + "/run.trec")), TrecQrels(LocalDownload(d + "/qrels.txt"), {1: "relevant"})))
+from tsarank.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_rerank_takes_the_first_stage_from_a_datasets_scoreddocs(irds_home, tiny_checkpoint, tmp_path):
+    """A dataset with scoreddocs (as msmarco-passage/trec-dl-2019 has): rerank --dataset re-ranks them, reading only
+    the documents it needs from the dataset's document store, exactly as from the same files."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    docs = {f"d{i}": f"passage {i} about {'france and paris' if i % 3 == 0 else 'bananas'} number {i}" for i in range(30)}
+    (d / "docs.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in docs.items()))
+    (d / "queries.tsv").write_text("q1\tcapital of france\nq2\tbanana fruit\n")
+    (d / "run.trec").write_text("".join(f"{q} Q0 d{i} {r} {20 - r} bm25\n" for q, ids in (("q1", range(0, 12)),
+                                         ("q2", range(10, 20))) for r, i in enumerate(ids, 1)))
+    (d / "qrels.txt").write_text("q1 0 d3 1\nq2 0 d11 1\n")
+    env = {**os.environ, "IR_DATASETS_HOME": str(irds_home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["--model", str(tiny_checkpoint), "--dtype", "float32", "--top-k", "8"]
+    a = subprocess.run([sys.executable, "-c", REGISTER, str(d), "rerank", "--dataset", "tsarank-test/tiny", *common,
+                        "--out", str(tmp_path / "a.trec")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert a.returncode == 0, a.stderr[-3000:]
+    _tsarank(irds_home, "rerank", "--run", d / "run.trec", "--queries", d / "queries.tsv", "--corpus", d / "docs.tsv",
+             *common, "--out", tmp_path / "b.trec")
+    assert (tmp_path / "a.trec").read_bytes() == (tmp_path / "b.trec").read_bytes()
+    assert len((tmp_path / "a.trec").read_text().splitlines()) == 16

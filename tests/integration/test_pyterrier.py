@@ -57,3 +57,5 @@ def test_experiment_over_scifact_matches_tsarank_evaluation(shared_data, default
     assert best["rank"] == 0 and best["score"] == max(s for _, s in reranked[q0])
     with pytest.raises(ValueError, match="missing text"):
         reranker.transform(bm25_df.assign(query="q").head(2))
+    with pytest.raises(ValueError, match="have no 'text'"):  # a docno the text lookup did not know
+        reranker.transform(bm25_df.assign(query="q", text=None).head(2))

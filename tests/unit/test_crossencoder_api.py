@@ -43,7 +43,8 @@ def test_predict_scores_pairs_like_score_pairs(ranker):
     assert isinstance(got, np.ndarray) and got.shape == (5,)
     assert got.tolist() == ranker.score_pairs([tuple(p) for p in pairs])
     assert ranker.predict(pairs, convert_to_numpy=False) == got.tolist()
-    for bad, message in (("q", "single string"), ([("q",)], r"pairs\[0\] must be a \(query, doc\) pair"),
+    for bad, message in (("q", "single string"), (("q", "d"), r"got one pair; wrap it in a list"),
+                         ([("q",)], r"pairs\[0\] must be a \(query, doc\) pair"),
                          ([("q", "d", "e")], "pair"), ({"q": "d"}, "got a dict")):
         with pytest.raises(TypeError, match=message):
             ranker.predict(bad)

@@ -107,3 +107,26 @@ def test_a_config_train_file_gives_way_to_dataset_name_on_the_command_line(tmp_p
     config.write_text("dataset_name: x.parquet\n")
     with pytest.raises(OptionError, match="not both"):  # the file is named on the command line: ambiguous
         parse_stage_args([DataArguments], ["--config", str(config), "--train_file", "a.jsonl"])
+
+
+def test_gzipped_jsonl_as_tevatron_ships_it_and_split_slices(tmp_path, tiny_checkpoint):
+    """Tevatron distributes train.jsonl.gz; a save_to_disk directory takes train[a:b] slices like load_dataset."""
+    import gzip
+
+    import datasets
+
+    from tsarank.data.hf_datasets import load_split
+
+    gz = tmp_path / "train.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.writelines(json.dumps(g) + "\n" for g in GROUPS)
+    assert [r["query"] for r in load_split(str(gz), None, "train")] == [g["query"] for g in GROUPS]
+    assert len(load_split(str(gz), None, "train[:2]")) == 2
+    saved = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(GROUPS)}).save_to_disk(str(saved))
+    assert [r["query"] for r in load_split(str(saved), None, "train[1:3]")] == [g["query"] for g in GROUPS[1:3]]
+    extra = ["--train_group_size", "3", "--lambda_dp", "0"]
+    assert sft.main([*_common(tiny_checkpoint, tmp_path / "a"), *extra, "--dataset_name", str(gz)]) == 0
+    assert sft.main([*_common(tiny_checkpoint, tmp_path / "b"), *extra,
+                     "--train_file", str(_jsonl(tmp_path / "g.jsonl", GROUPS))]) == 0
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")

@@ -29,7 +29,7 @@ def _legacy(path: Path) -> Path:
 def _requests(path: Path) -> Path:
     """rank_llm's Request JSONL, with the doc shapes it writes: {"title", "text"}, {"contents"} and a bare string."""
     cands = [{"docid": "d1", "score": 3.0, "doc": {"title": "Paris", "text": DOCS["d1"][1]}},
-             {"docid": "d2", "score": 2.0, "doc": {"contents": DOCS["d2"][1]}},
+             {"docid": "d2", "score": 2.0, "doc": {"passage": DOCS["d2"][1]}},
              {"docid": "d3", "score": 1.0, "doc": "Cells " + DOCS["d3"][1]}]
     path.write_text(json.dumps({"query": {"text": "capital of france", "qid": "q1"}, "candidates": cands}) + "\n")
     return path
@@ -75,3 +75,11 @@ def test_rerank_reads_requests_and_writes_them(tmp_path, tiny_checkpoint, capsys
     assert again.docids == [d for d, _ in trec] and again.scores == [s for _, s in trec]
     assert dict(zip(again.docids, again.texts)) == dict(zip(*(lambda c: (c.docids, c.texts))(read_rank_llm(
         tmp_path / "new.jsonl")[0])))
+
+
+def test_an_ir_datasets_id_without_the_prefix_gets_the_hint(tmp_path, capsys):
+    """The issue's first symptom: `--qrels msmarco-passage/trec-dl-2019/judged` was a bare "file not found"."""
+    run = tmp_path / "r.trec"
+    run.write_text("1 Q0 d 1 1.0 t\n")
+    assert cli(["evaluate", "--run", str(run), "--qrels", "msmarco-passage/trec-dl-2019/judged"]) == 2
+    assert "write irds:msmarco-passage/trec-dl-2019/judged" in capsys.readouterr().err

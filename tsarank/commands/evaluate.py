@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", required=True, help="TREC run file 'qid Q0 docid rank score tag'")
-    parser.add_argument("--qrels", required=True, help="TREC qrels 'qid 0 docid grade' or BEIR qrels/*.tsv")
+    parser.add_argument("--qrels", required=True, help="TREC qrels 'qid 0 docid grade', BEIR qrels/*.tsv, or irds:ID (an ir_datasets dataset)")
     parser.add_argument(
         "--measures", nargs="+", default=list(DEFAULT_MEASURES), metavar="MEASURE",
         help=f"ir_measures names (default: {' '.join(DEFAULT_MEASURES)})",

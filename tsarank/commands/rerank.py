@@ -658,10 +658,16 @@ def _dataset_candidates(args: argparse.Namespace):
     from tsarank.data import irds
     from tsarank.data.formats import load_candidates, read_corpus, read_queries
 
+    from tsarank.data.formats import Doc, read_run
+
     src = irds.PREFIX + irds.dataset_id(args.dataset)
     run = args.run or (src if irds.has_scoreddocs(src) else None)
     if run is not None:
-        return load_candidates(run=run, queries=src, corpus=src, top_k=args.top_k)
+        first = read_run(run)
+        queries = read_queries(src)
+        wanted = sorted({d for q, ranked in first.items() if q in queries for d, _ in ranked[: args.top_k]})
+        corpus = {d: Doc(d, title, text) for d, (title, text) in irds.docs(src, wanted).items()}
+        return load_candidates(run=first, queries=queries, corpus=corpus, top_k=args.top_k)
     from tsarank.retrieval import bm25_options, bm25_retrieve
 
     queries, corpus = read_queries(src), read_corpus(src)

@@ -143,6 +143,11 @@ class CandidateList:
 
 def _check_file(path: Path) -> None:
     if not path.exists():
+        text = str(path)
+        if "/" in text and not Path(text).suffix and not text.startswith((".", "/", "~")):
+            # msmarco-passage/trec-dl-2019/judged: an ir_datasets id, most likely
+            raise DataError(path, None, None, "file not found", fix=f"for the ir_datasets dataset write irds:{text} "
+                            "(pip install 'tsarank[irds]'); otherwise check the path")
         raise DataError(path, None, None, "file not found", fix="check the path (relative paths are relative to the current directory)")
     if path.is_dir():
         raise DataError(path, None, None, "expected a file, got a directory", fix="pass the file inside it")
@@ -766,7 +771,7 @@ def _iter_json_entries(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 #: Keys of a rank_llm Request candidate's ``doc`` that hold its text, in the order rank_llm itself reads them.
-RANK_LLM_TEXT_KEYS = ("text", "segment", "contents", "content", "body")
+RANK_LLM_TEXT_KEYS = ("text", "segment", "contents", "content", "body", "passage")
 
 
 def _request_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, str, list[str], list[str], list[float]]:

@@ -28,8 +28,10 @@ def load_split(name: str, config: str | None, split: str) -> Any:
     """The ``datasets.Dataset`` of one split.
 
     Args:
-        name: A Hub id (``Tevatron/msmarco-passage``), a directory written by ``Dataset.save_to_disk`` /
-            ``DatasetDict.save_to_disk``, a directory of data files, or a Parquet / JSON(L) / CSV file (a glob too).
+        name: A Hub id of a dataset stored as data files, a directory written by ``Dataset.save_to_disk`` /
+            ``DatasetDict.save_to_disk``, or Parquet / JSON(L) / CSV files, compressed or not, local, a glob, or
+            ``hf://datasets/ORG/NAME/FILE`` (e.g. ``hf://datasets/Tevatron/msmarco-passage/train.jsonl.gz``: that
+            repository is built by a loading script, which datasets >= 4 no longer runs, so its files are named).
         config: The dataset configuration (Hub datasets with several), or ``None``.
         split: The split, e.g. ``train`` (slicing such as ``train[:1000]`` works for Hub and file datasets).
 
@@ -42,21 +44,38 @@ def load_split(name: str, config: str | None, split: str) -> Any:
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
+        base, _, cut = split.partition("[")  # train[:1000]: a slice, as load_dataset reads it
         if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise FileNotFoundError(f"--dataset_name {name}: no split {split!r}; it has {', '.join(loaded)}")
-            return loaded[split]
+            if base not in loaded:
+                raise FileNotFoundError(f"--dataset_name {name}: no split {base!r}; it has {', '.join(loaded)}")
+            loaded = loaded[base]
+        if cut:
+            start, _, stop = cut.rstrip("]").partition(":")
+            try:
+                loaded = loaded.select(range(len(loaded))[slice(int(start) if start else None, int(stop) if stop else None)])
+            except ValueError:
+                raise FileNotFoundError(f"--dataset_split {split!r}: write a slice as train[:1000] or train[100:200]") from None
         return loaded
-    suffix = "".join(path.suffixes[-1:]).lower()
-    if suffix in _FILE_BUILDERS and (path.is_file() or any(ch in name for ch in "*?[")):
+    suffixes = [x.lower() for x in Path(name).suffixes]
+    if suffixes[-1:] in ([".gz"], [".bz2"], [".zst"], [".xz"]):  # train.jsonl.gz, as Tevatron distributes its data
+        suffixes = suffixes[:-1]
+    builder = _FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
+    remote = name.startswith(("hf://", "https://", "http://"))
+    if builder and (remote or path.is_file() or any(ch in name for ch in "*?[")):
         # Files given this way form one split, "train" (slices such as train[:1000] work).
-        return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split=split)
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        return datasets.load_dataset(builder, data_files=name if remote else str(path), split=split)
+    if not path.exists() and not remote and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"--dataset_name {name}: no such file or directory (and not a Hub id ORG/NAME)")
     try:
         return datasets.load_dataset(name, config, split=split)
     except ValueError as exc:  # an unknown split names the known ones in datasets' message
         raise FileNotFoundError(f"--dataset_name {name}: {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # datasets >= 4 no longer runs a repository's loading script
+        if "script" not in str(exc).lower():
+            raise
+        raise DataError(name, None, None, "this Hub dataset is built by a loading script, which datasets >= 4 no "
+                        "longer runs", fix=f"name its data files instead, e.g. --dataset_name hf://datasets/{name}/"
+                        "train.jsonl.gz (Tevatron/msmarco-passage's layout)") from None
 
 
 def materialize(name: str, config: str | None, split: str, parse: Callable[[dict[str, Any], Any, int], Any],
@@ -84,7 +103,10 @@ def materialize(name: str, config: str | None, split: str, parse: Callable[[dict
         parse(row, where, n)  # raises DataError: "NAME[split]:N: field ..." where N is the 1-based row
     if n == 0:
         raise DataError(where, None, None, "expected at least one row, got an empty split")
-    fingerprint = getattr(ds, "_fingerprint", None) or f"{abs(hash((name, config, split))):x}"
+    import hashlib
+
+    # The dataset's own fingerprint; else one from its identity (stable across processes, unlike hash()).
+    fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha1(f"{name}|{config}|{split}|{len(ds)}".encode()).hexdigest()[:16]
     out_dir = Path(cache_dir) if cache_dir is not None else tsarank_home() / "datasets"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{kind}-{fingerprint}.jsonl"

@@ -91,8 +91,9 @@ class DataArguments:
 
     train_file: str | None = field(default=None, metadata={"help": "training JSONL (weak pairs or ranking groups)"})
     dataset_name: str | None = field(
-        default=None, metadata={"help": "training data from Hugging Face datasets instead of --train_file: a Hub id "
-                                "(e.g. Tevatron/msmarco-passage), a save_to_disk directory, or Parquet/JSON files"})
+        default=None, metadata={"help": "training data from Hugging Face datasets instead of --train_file: a Hub id, "
+                                "a save_to_disk directory, Parquet/JSON(L) files (gzipped too), or hf://datasets/ORG/NAME/"
+                                "FILE (e.g. hf://datasets/Tevatron/msmarco-passage/train.jsonl.gz)"})
     dataset_config: str | None = field(default=None, metadata={"help": "the dataset's configuration, if it has several"})
     dataset_split: str = field(default="train", metadata={"help": "the split to train on (default train; train[:1000] "
                                                                   "for a slice)"})
