@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-pytest.importorskip("ir_datasets")
+import ir_datasets  # noqa: E402,F401 - a dev dependency: a missing one fails here rather than skipping
 
 
 @pytest.fixture(scope="module")

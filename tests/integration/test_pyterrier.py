@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 pytestmark = pytest.mark.integration
-pt = pytest.importorskip("pyterrier")
+import pyterrier as pt  # noqa: E402 - a dev dependency: a missing one fails here rather than skipping
 
 
 def test_experiment_over_scifact_matches_tsarank_evaluation(shared_data, default_model_dir):
