@@ -113,10 +113,12 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     tok = build_tiny_tokenizer()
     build_tiny_llama(len(tok), seed=3).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    # A "model" that cannot be loaded (a causal-LM config and a tokenizer, no weights): it passes the up-front
-    # option checks, so a data error reported from it proves no model load happened.
+    # A "model" that cannot be loaded (a causal-LM config, a tokenizer and a weight file of garbage): it passes the
+    # up-front checks (which look at file names, not into the weights), so a data error reported from it proves no
+    # model load happened.
     tok.save_pretrained(root / "tokenizer_only")
     build_tiny_llama(len(tok), seed=3).config.save_pretrained(root / "tokenizer_only")
+    (root / "tokenizer_only" / "model.safetensors").write_bytes(b"not a safetensors file")
     return {"model": root / "model", "tokenizer_only": root / "tokenizer_only",
             "groups": _write_groups(root / "groups.jsonl")}
 

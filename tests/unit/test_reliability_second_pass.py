@@ -783,9 +783,14 @@ def test_ctrl_c_stops_the_running_demo_phase_and_resume_skips_finished_ones(tmp_
             threading.Event().wait(0.05)
         signal.pthread_kill(main, signal.SIGINT)
 
-    threading.Thread(target=interrupt_when_child_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        demo._run_logged([demo.sys.executable, "-c", child], tmp_path / "logs" / "x.log", 5, "x")
+    # Python's own SIGINT handler, as in a terminal (a library imported by an earlier test may have replaced it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_when_child_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            demo._run_logged([demo.sys.executable, "-c", child], tmp_path / "logs" / "x.log", 5, "x")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
 
