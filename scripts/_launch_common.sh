@@ -39,6 +39,7 @@ elif command -v nvidia-smi >/dev/null 2>&1; then
 else
   n_visible=0
 fi
+num_gpus_given=${NUM_GPUS:-}
 if [[ -z "${NUM_GPUS:-}" ]]; then
   NUM_GPUS=$n_visible
   [[ "$NUM_GPUS" == "0" ]] && NUM_GPUS=1  # no GPU: one process (DeepSpeed's CPU accelerator, or plain torch)
@@ -71,8 +72,11 @@ if [[ "$DS_CONFIG" == "none" ]]; then
 else
   cmd=(deepspeed)
   if [[ -n "${HOSTFILE:-}" ]]; then
-    # Several nodes: DeepSpeed starts every node over ssh/pdsh from here; NUM_GPUS is per node.
-    cmd+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR")
+    # Several nodes: DeepSpeed starts every node over ssh/pdsh from here. NUM_GPUS (per node) when given; otherwise
+    # each host's slots=N in the hostfile decide (this node may have no GPU at all).
+    cmd+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES")
+    [[ -n "$num_gpus_given" ]] && cmd+=(--num_gpus "$NUM_GPUS")
+    cmd+=(--master_addr "$MASTER_ADDR")
   elif [[ -n "$VISIBLE" ]]; then
     ids=$(tr ',' '\n' <<<"$VISIBLE" | head -n "$NUM_GPUS" | paste -sd, -)
     cmd+=(--include "localhost:$ids")

@@ -182,3 +182,10 @@ def test_cli_refuses_bad_cutoffs_before_reading(tmp_path, capsys, name, needle):
     assert _cli(["evaluate", "--run", str(missing), "--qrels", str(qrels), "--measures", name]) == 2
     err = capsys.readouterr().err
     assert needle in err and name in err and "Traceback" not in err
+
+
+def test_a_measures_rel_beyond_every_grade_is_refused(tmp_path, capsys):
+    """RR(rel=99) was silently 0, while --rel-level 99 was already refused."""
+    qrels, run, _ = _write_fixture_files(tmp_path)
+    assert _cli(["evaluate", "--run", str(run), "--qrels", str(qrels), "--measures", "RR(rel=99)"]) == 2
+    assert "no judgment" in capsys.readouterr().err

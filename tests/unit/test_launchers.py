@@ -101,8 +101,9 @@ def test_two_nodes_from_a_hostfile_with_launcher_options_before_the_script(stubs
                                     "ds_configs/zero3.json", "--max_steps", "3"]
     proc, got = launch(stubs, "sft", {"HOSTFILE": str(hostfile), "NNODES": "1", "MASTER_ADDR": "10.0.0.9",
                                       "PORT": "30000"})
-    assert got["argv"][:9] == ["--hostfile", str(hostfile), "--num_nodes", "1", "--num_gpus", "1", "--master_addr",
-                               "10.0.0.9", "--master_port"] and got["argv"][9] == "30000"
+    # Without NUM_GPUS the hostfile's slots decide (no --num_gpus from a launching node that may have no GPU).
+    assert got["argv"][:7] == ["--hostfile", str(hostfile), "--num_nodes", "1", "--master_addr", "10.0.0.9",
+                               "--master_port"] and got["argv"][7] == "30000"
 
 
 def test_ds_config_none_runs_torchrun_without_deepspeed(stubs):

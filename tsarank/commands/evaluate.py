@@ -115,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
         if args.rel_level is not None and args.rel_level > top:
             raise ValueError(f"--rel-level {args.rel_level}: no judgment in {args.qrels} reaches it (highest grade "
                              f"{top}), so every binary measure would be 0")
+        for name, m in zip(args.measures, measures):  # RR(rel=99): the same mistake, written in the measure
+            rel = (getattr(m, "params", None) or {}).get("rel")
+            if isinstance(rel, int) and rel > top:
+                raise ValueError(f"measure {name}: no judgment in {args.qrels} reaches rel={rel} (highest grade "
+                                 f"{top}), so it would be 0")
         main_run = read_run(args.run)
         other_run = read_run(args.compare) if args.compare else None
     except (DataError, ValueError, OSError) as exc:

@@ -284,7 +284,8 @@ def _device_type(device: str | None, flag: str = "--device") -> str:
     try:
         kind = check_device_available(device).type
     except ValueError as exc:
-        raise ValueError(f"{flag}: {exc}") from None
+        message = str(exc).replace("Fix: --device cpu", "Fix: --devices cpu,cpu") if flag == "--devices" else str(exc)
+        raise ValueError(f"{flag}: {message}") from None
     return "cuda" if kind == "cuda" else "cpu"
 
 

@@ -501,8 +501,10 @@ def parse_stage_args(
         raise OptionError(unknown_key_message(bad, valid, "command line"))
     # The parser also returns a Namespace for --config itself; keep only the dataclass instances.
     kept = tuple(i for i in instances if isinstance(i, tuple(types)))
-    _check_finite(kept, config_path)
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    # Where each YAML value came from, for messages: "c.yaml:4" unless the flag overrode it.
+    origin = {k: f"{config_path}:{lines.get(k, '?')}" for k in values if f"--{k}" not in given}
+    _check_finite(kept, origin)
     for obj in kept:
         if getattr(obj, "dataset_name", None) and getattr(obj, "train_file", None):
             if "--train_file" not in given and "--dataset_name" in given:
@@ -512,15 +514,17 @@ def parse_stage_args(
     return kept
 
 
-def _check_finite(instances: Sequence[Any], config_path: str | None) -> None:
+def _check_finite(instances: Sequence[Any], origin: dict[str, str]) -> None:
     """No option takes NaN or infinity: `x < 0` is false for NaN, so range checks let `--lambda_gen nan` (L_gen
-    silently off) or `--max_grad_norm nan` (clipping silently off) through, and `--warmup_steps nan` crashed later."""
+    silently off) or `--max_grad_norm nan` (clipping silently off) through, and `--warmup_steps nan` crashed later.
+    ``origin`` maps an option set in the YAML config to its ``file:line``."""
     import math
 
-    bad = [f"--{f.name} must be a finite number, got {getattr(obj, f.name)}"
+    bad = [(f"{origin[f.name]}: " if f.name in origin else "") + f"--{f.name} must be a finite number, got "
+           f"{getattr(obj, f.name)}"
            for obj in instances for f in fields(obj)
            if isinstance(getattr(obj, f.name, None), float) and not math.isfinite(getattr(obj, f.name))]
     if bad:
-        raise OptionError("; ".join(bad) + (f" (command line or {config_path})" if config_path else ""))
+        raise OptionError("; ".join(bad))
 
 
