@@ -774,7 +774,33 @@ def _iter_json_entries(path: Path) -> Iterator[tuple[int, Any]]:
 RANK_LLM_TEXT_KEYS = ("text", "segment", "contents", "content", "body", "passage")
 
 
-def _request_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, str, list[str], list[str], list[float]]:
+class _Candidates:
+    """The candidates of one rank_llm entry as they are read: docids unique, a missing score replaced by ``-rank``
+    (``-1, -2, ...`` by position) so that the file's order is kept. Shared by both layouts."""
+
+    def __init__(self, path: Path, line: int, list_name: str, noun: str) -> None:
+        self.path, self.line, self.list_name, self.noun = path, line, list_name, noun
+        self.docids: list[str] = []
+        self.texts: list[str] = []
+        self.scores: list[float] = []
+        self.positions: dict[str, int] = {}
+
+    def claim(self, i: int, docid: str) -> None:
+        """Candidate ``i`` is ``docid``; a docid seen before is an error naming both places."""
+        if docid in self.positions:
+            raise DataError(self.path, self.line, f"{self.list_name}[{i}].docid", f"duplicate docid {docid!r} (also "
+                            f"{self.list_name}[{self.positions[docid]}])", fix=f"keep one {self.noun} per document")
+        self.positions[docid] = i
+
+    def add(self, i: int, docid: str, text: str, score: Any) -> None:
+        """The claimed candidate ``i``'s text and score (``None``: ``-(i + 1)``)."""
+        self.docids.append(docid)
+        self.texts.append(text)
+        self.scores.append(_check_number(self.path, self.line, f"{self.list_name}[{i}].score", score)
+                           if score is not None else -float(i + 1))
+
+
+def _request_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, str, _Candidates]:
     """rank_llm's current Request layout: ``{"query": {"text", "qid"}, "candidates": [{"docid", "score", "doc"}]}``
     where ``doc`` is a string or an object with a title and one of :data:`RANK_LLM_TEXT_KEYS`."""
     q = entry["query"]
@@ -784,18 +810,13 @@ def _request_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, s
     if not isinstance(cands, list):
         raise DataError(path, line, "candidates", f"expected a list of candidates, got {describe(cands)}",
                         fix="each request needs \"candidates\": [{\"docid\", \"score\", \"doc\"}, ...]")
-    docids: list[str] = []
-    texts: list[str] = []
-    scores: list[float] = []
-    positions: dict[str, int] = {}
+    got = _Candidates(path, line, "candidates", "candidate")
     for i, cand in enumerate(cands):
         prefix = f"candidates[{i}]."
         if not isinstance(cand, dict):
             raise DataError(path, line, f"candidates[{i}]", f"expected an object {{\"docid\", \"score\", \"doc\"}}, got {describe(cand)}")
         docid = _get_id(cand, "docid", path, line, prefix=prefix)
-        if docid in positions:
-            raise DataError(path, line, prefix + "docid", f"duplicate docid {docid!r} (also candidates[{positions[docid]}])", fix="keep one candidate per document")
-        positions[docid] = i
+        got.claim(i, docid)
         doc = cand.get("doc")
         if isinstance(doc, str):
             text = doc
@@ -807,11 +828,33 @@ def _request_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, s
             text = f"{title} {doc[key]}" if isinstance(title, str) and title.strip() else doc[key]
         else:
             raise DataError(path, line, prefix + "doc", f"expected a string or an object with the text, got {describe(doc)}")
-        docids.append(docid)
-        texts.append(text)
-        score = cand.get("score")
-        scores.append(_check_number(path, line, prefix + "score", score) if score is not None else -float(i + 1))
-    return qid, query, docids, texts, scores
+        got.add(i, docid, text, cand.get("score"))
+    return qid, query, got
+
+
+def _hits_entry(path: Path, line: int, entry: dict[str, Any]) -> tuple[str, str, _Candidates]:
+    """rank_llm's "retrieve results" layout: ``{"query": str, "hits": [{"qid", "docid", "content", "score"?}]}``."""
+    query = _get_str(entry, "query", path, line, non_empty=True)
+    hits = entry.get("hits")
+    if not isinstance(hits, list):
+        raise DataError(path, line, "hits", f"expected a list of hits, got {describe(hits)}", fix="each entry needs \"hits\": [{\"qid\", \"docid\", \"content\"}, ...]")
+    qid = _get_id(entry, "qid", path, line, required=False)
+    got = _Candidates(path, line, "hits", "hit")
+    for i, hit in enumerate(hits):
+        prefix = f"hits[{i}]."
+        if not isinstance(hit, dict):
+            raise DataError(path, line, f"hits[{i}]", f"expected an object {{\"qid\", \"docid\", \"content\"}}, got {describe(hit)}")
+        hit_qid = _get_id(hit, "qid", path, line, prefix=prefix)
+        if qid is None:
+            qid = hit_qid
+        elif hit_qid != qid:
+            raise DataError(path, line, prefix + "qid", f"expected qid {qid!r} like the entry's other hits, got {hit_qid!r}", fix="one entry per query")
+        docid = _get_id(hit, "docid", path, line, prefix=prefix)
+        got.claim(i, docid)
+        got.add(i, docid, _get_str(hit, "content", path, line, prefix=prefix), hit.get("score"))
+    if qid is None:
+        raise DataError(path, line, "qid", "entry has no hits and no 'qid', so its query id is unknown", fix="add \"qid\" to the entry or drop it")
+    return qid, query, got
 
 
 def format_rank_llm_request(qid: str, query: str, ranked: Iterable[tuple[str, float]], texts: Mapping[str, str]) -> str:
@@ -863,47 +906,13 @@ def read_rank_llm(path: PathLike) -> list[CandidateList]:
     for line, entry in _iter_json_entries(path):
         if not isinstance(entry, dict):
             raise DataError(path, line, None, f"expected an object {{\"query\", \"hits\"}}, got {describe(entry)}")
-        if isinstance(entry.get("query"), dict):  # rank_llm's Request layout
-            qid, query, docids, texts, scores = _request_entry(path, line, entry)
-            if qid in seen_qids:
-                raise DataError(path, line, "query.qid", f"duplicate qid {qid!r} in entries starting on lines {seen_qids[qid]} and {line}", fix="merge the two entries")
-            seen_qids[qid] = line
-            out.append(CandidateList(qid, query, docids, texts, scores))
-            continue
-        query = _get_str(entry, "query", path, line, non_empty=True)
-        hits = entry.get("hits")
-        if not isinstance(hits, list):
-            raise DataError(path, line, "hits", f"expected a list of hits, got {describe(hits)}", fix="each entry needs \"hits\": [{\"qid\", \"docid\", \"content\"}, ...]")
-        qid = _get_id(entry, "qid", path, line, required=False)
-        docids: list[str] = []
-        texts: list[str] = []
-        scores: list[float] = []
-        positions: dict[str, int] = {}
-        for i, hit in enumerate(hits):
-            prefix = f"hits[{i}]."
-            if not isinstance(hit, dict):
-                raise DataError(path, line, f"hits[{i}]", f"expected an object {{\"qid\", \"docid\", \"content\"}}, got {describe(hit)}")
-            hit_qid = _get_id(hit, "qid", path, line, prefix=prefix)
-            if qid is None:
-                qid = hit_qid
-            elif hit_qid != qid:
-                raise DataError(path, line, prefix + "qid", f"expected qid {qid!r} like the entry's other hits, got {hit_qid!r}", fix="one entry per query")
-            docid = _get_id(hit, "docid", path, line, prefix=prefix)
-            if docid in positions:
-                raise DataError(path, line, prefix + "docid", f"duplicate docid {docid!r} (also hits[{positions[docid]}])", fix="keep one hit per document")
-            positions[docid] = i
-            texts.append(_get_str(hit, "content", path, line, prefix=prefix))
-            if "score" in hit and hit["score"] is not None:
-                scores.append(_check_number(path, line, prefix + "score", hit["score"]))
-            else:
-                scores.append(-float(i + 1))
-            docids.append(docid)
-        if qid is None:
-            raise DataError(path, line, "qid", "entry has no hits and no 'qid', so its query id is unknown", fix="add \"qid\" to the entry or drop it")
+        request = isinstance(entry.get("query"), dict)  # rank_llm's Request layout; else the "hits" one
+        qid, query, got = (_request_entry if request else _hits_entry)(path, line, entry)
         if qid in seen_qids:
-            raise DataError(path, line, "qid", f"duplicate qid {qid!r} in entries starting on lines {seen_qids[qid]} and {line}", fix="merge the two entries")
+            raise DataError(path, line, "query.qid" if request else "qid", f"duplicate qid {qid!r} in entries starting "
+                            f"on lines {seen_qids[qid]} and {line}", fix="merge the two entries")
         seen_qids[qid] = line
-        out.append(CandidateList(qid, query, docids, texts, scores))
+        out.append(CandidateList(qid, query, got.docids, got.texts, got.scores))
     _require_records(path, len(out), "entry")
     return out
 
