@@ -123,7 +123,10 @@ def step_environment(device: str) -> dict[str, Any]:
         major, minor = torch.cuda.get_device_capability(dev)
         native = (major, minor) >= (8, 0)
     else:
-        out["devices"] = [{"name": _cpu_name(), "capability": "cpu", "memory_gib": None}]
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from write_benchmarks import machine  # the CPU's name as the CPU benchmarks report it
+
+        out["devices"] = [{"name": machine()["CPU"], "capability": "cpu", "memory_gib": None}]
         native = bool(cpu_bf16_flags())
     flash_ok = dev.type == "cuda" and native and importlib.util.find_spec("flash_attn") is not None
     expected = {"dtype": "torch.bfloat16" if native else "torch.float32",
@@ -132,16 +135,6 @@ def step_environment(device: str) -> dict[str, Any]:
     chosen = {"dtype": str(dtype), "attention": resolve_attn_implementation("auto", dev, dtype)}
     out.update(chosen=chosen, expected=expected, ok=chosen == expected)
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
 
 
 # ------------------------------------------------------------------------------------------------ 2. scoring

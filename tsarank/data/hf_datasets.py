@@ -96,22 +96,22 @@ def materialize(name: str, config: str | None, split: str, parse: Callable[[dict
     from ..atomic import atomic_open
     from ..default_model import tsarank_home
 
-    ds = load_split(name, config, split)
-    where = f"{name}{'/' + config if config else ''}[{split}]"
-    n = 0
-    for n, row in enumerate(ds, 1):
-        parse(row, where, n)  # raises DataError: "NAME[split]:N: field ..." where N is the 1-based row
-    if n == 0:
-        raise DataError(where, None, None, "expected at least one row, got an empty split")
     import hashlib
 
+    ds = load_split(name, config, split)
+    where = f"{name}{'/' + config if config else ''}[{split}]"
     # The dataset's own fingerprint; else one from its identity (stable across processes, unlike hash()).
     fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha1(f"{name}|{config}|{split}|{len(ds)}".encode()).hexdigest()[:16]
     out_dir = Path(cache_dir) if cache_dir is not None else tsarank_home() / "datasets"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{kind}-{fingerprint}.jsonl"
-    if not out.is_file():
-        with atomic_open(out) as fh:
-            for row in ds:
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    if out.is_file():  # written by an earlier run, after every row passed these checks
+        return out
+    n = 0
+    with atomic_open(out) as fh:  # one pass: each row checked, then written; a bad row leaves no file
+        for n, row in enumerate(ds, 1):
+            parse(row, where, n)  # raises DataError: "NAME[split]:N: field ..." where N is the 1-based row
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        if n == 0:
+            raise DataError(where, None, None, "expected at least one row, got an empty split")
     return out

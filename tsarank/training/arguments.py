@@ -389,8 +389,12 @@ def unknown_key_message(key: str, valid: set[str], where: str) -> str:
     return f"{where}: unknown option '{key}'.{hint} Run with --help for the full list."
 
 
-def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
-    """Read a flat YAML mapping of option names to values and check every key exists."""
+def load_yaml(path: str, valid: set[str]) -> tuple[dict[str, Any], dict[Any, int]]:
+    """Read a flat YAML mapping of option names to values and check every key exists.
+
+    Returns:
+        ``(values, line of each key)``.
+    """
     import yaml
 
     p = Path(path)
@@ -418,7 +422,7 @@ def load_yaml(path: str, valid: set[str]) -> dict[str, Any]:
             raise OptionError(f"{where}: {key!r} is not an option name; each line is 'option_name: value'")
         if key not in valid:
             raise OptionError(unknown_key_message(key, valid, where))
-    return data
+    return data, lines
 
 
 def _key_lines(text: str, path: str) -> dict[Any, int]:
@@ -487,8 +491,7 @@ def parse_stage_args(
             del argv[i : i + 2]
         if not config_path:
             raise OptionError("--config needs a YAML file path")
-    values = load_yaml(config_path, valid) if config_path else {}
-    lines = _key_lines(Path(config_path).read_bytes().decode("utf-8"), config_path) if values else {}
+    values, lines = load_yaml(config_path, valid) if config_path else ({}, {})
     # YAML values become parser defaults, so any flag given on the command line still wins.
     for action in parser._actions:
         if action.dest in values:
